@@ -1,0 +1,120 @@
+"""``torch.library`` registration of the KIVI ops, so the compiler sees one opaque node per op.
+
+- ``kivi::store_prefill_``  fill an empty cache from a prompt's dense K or V (mutates the cache).
+- ``kivi::append_``         lazy flush + append new tokens (mutates the cache).
+- ``kivi::decode_attention`` fused attention of new queries over quantized ++ residual K/V.
+- ``kivi::dequantize``       the whole cache back to dense, for ops the cache type does not fuse.
+
+Cache tensors are passed as the five fields of ``QuantizedKV`` (see ``cache_layout.py``). Every op
+has a fake implementation so Dynamo, AOTAutograd and Inductor can trace around it. The default
+kernel is the PyTorch reference; device-specific kernels register over it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .append import append_ref, store_prefill_ref
+from .cache_layout import QuantizedKV, dequantize_cache_ref
+from .decode_attention import decode_attention_ref
+
+_CACHE_FIELDS = ("codes", "scales", "mins", "residual", "lengths")
+
+
+@torch.library.custom_op("kivi::store_prefill_", mutates_args=_CACHE_FIELDS)
+def store_prefill_(
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    residual: Tensor,
+    lengths: Tensor,
+    dense: Tensor,
+    bits: int,
+    group_size: int,
+    residual_length: int,
+    per_channel: bool,
+) -> None:
+    kv = QuantizedKV(codes, scales, mins, residual, lengths)
+    store_prefill_ref(kv, dense, bits, group_size, residual_length, per_channel)
+
+
+@store_prefill_.register_fake
+def _(codes, scales, mins, residual, lengths, dense, bits, group_size, residual_length, per_channel) -> None:
+    return None
+
+
+@torch.library.custom_op("kivi::append_", mutates_args=_CACHE_FIELDS)
+def append_(
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    residual: Tensor,
+    lengths: Tensor,
+    new: Tensor,
+    bits: int,
+    group_size: int,
+    residual_length: int,
+    per_channel: bool,
+) -> None:
+    kv = QuantizedKV(codes, scales, mins, residual, lengths)
+    append_ref(kv, new, bits, group_size, residual_length, per_channel)
+
+
+@append_.register_fake
+def _(codes, scales, mins, residual, lengths, new, bits, group_size, residual_length, per_channel) -> None:
+    return None
+
+
+@torch.library.custom_op("kivi::decode_attention", mutates_args=())
+def decode_attention(
+    q: Tensor,
+    k_codes: Tensor,
+    k_scales: Tensor,
+    k_mins: Tensor,
+    k_residual: Tensor,
+    k_lengths: Tensor,
+    v_codes: Tensor,
+    v_scales: Tensor,
+    v_mins: Tensor,
+    v_residual: Tensor,
+    v_lengths: Tensor,
+    attn_mask: Tensor | None,
+    scale: float | None,
+    is_causal: bool,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+) -> Tensor:
+    key = QuantizedKV(k_codes, k_scales, k_mins, k_residual, k_lengths)
+    value = QuantizedKV(v_codes, v_scales, v_mins, v_residual, v_lengths)
+    return decode_attention_ref(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size)
+
+
+@decode_attention.register_fake
+def _(q, k_codes, k_scales, k_mins, k_residual, k_lengths, v_codes, v_scales, v_mins, v_residual, v_lengths,
+      attn_mask, scale, is_causal, key_bits, value_bits, group_size) -> Tensor:  # fmt: skip
+    return q.new_empty((*q.shape[:-1], v_residual.shape[-1]))
+
+
+@torch.library.custom_op("kivi::dequantize", mutates_args=())
+def dequantize(
+    codes: Tensor,
+    scales: Tensor,
+    mins: Tensor,
+    residual: Tensor,
+    lengths: Tensor,
+    bits: int,
+    group_size: int,
+    per_channel: bool,
+    seq_len: int,
+) -> Tensor:
+    dense = dequantize_cache_ref(QuantizedKV(codes, scales, mins, residual, lengths), bits, group_size, per_channel)
+    if dense.shape[-2] != seq_len:
+        raise RuntimeError(f"KIVI cache holds {dense.shape[-2]} tokens but its shape says {seq_len}")
+    return dense.to(residual.dtype)
+
+
+@dequantize.register_fake
+def _(codes, scales, mins, residual, lengths, bits, group_size, per_channel, seq_len) -> Tensor:
+    return residual.new_empty((*residual.shape[:-2], seq_len, residual.shape[-1]))

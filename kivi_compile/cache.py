@@ -1,0 +1,226 @@
+"""``KiviCacheTensor``: a KIVI-quantized K or V cache that looks like the dense ``[B, H, T, D]`` tensor.
+
+It is a traceable wrapper subclass (``__tensor_flatten__``/``__tensor_unflatten__``): its logical
+shape and dtype are the model's, so ``DynamicLayer`` stores it where the dense cache went and
+``get_seq_length()`` stays right, while it holds only packed codes, scales/minima, the
+full-precision residual and three lengths. Dynamo passes it to the next step's graph as a
+placeholder; only the static ``CacheSpec`` is flatten metadata, so appends do not recompile.
+
+Operations it does not fuse dequantize the cache first (correct, never garbage); operations that
+would write into it raise. ``torch.cat([cache, new], dim=-2)`` appends in place (quantize-on-append)
+and returns a new wrapper over the same buffers: the old wrapper must not be used afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils._pytree import tree_map_only
+
+from kivi_compile.config import CacheSpec
+from kivi_compile.kernels.append import flush_count
+from kivi_compile.kernels.cache_layout import QuantizedKV, residual_tokens_ref
+from kivi_compile.kernels.quantize import tokens_per_code_row, tokens_per_scale_row
+
+aten = torch.ops.aten
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# Capacity grows by 1/16 of itself (at least what is needed): amortized O(new tokens) per append
+# while the cache never holds more than ~6% above its packed size.
+_GROWTH_DIVISOR = 16
+
+
+class KiviCacheTensor(torch.Tensor):
+    codes: torch.Tensor
+    scales: torch.Tensor
+    mins: torch.Tensor
+    residual: torch.Tensor
+    lengths: torch.Tensor
+    spec: CacheSpec
+
+    @staticmethod
+    def __new__(cls, kv: QuantizedKV, spec: CacheSpec, seq_len: int | torch.SymInt):
+        batch, heads, _, head_dim = kv.residual.shape
+        return torch.Tensor._make_wrapper_subclass(
+            cls, (batch, heads, seq_len, head_dim), dtype=kv.residual.dtype, device=kv.residual.device
+        )
+
+    def __init__(self, kv: QuantizedKV, spec: CacheSpec, seq_len: int | torch.SymInt) -> None:
+        self.codes, self.scales, self.mins, self.residual, self.lengths = kv
+        self.spec = spec
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, dense: torch.Tensor, spec: CacheSpec, next_tokens: int = 1) -> KiviCacheTensor:
+        """Quantize a prompt's keys or values ``dense [B, H, T, D]`` per the prefill rule.
+
+        Capacity is reserved for ``next_tokens`` more tokens, so the next append does not grow.
+        """
+        _check_dense(dense, spec)
+        seq_len = dense.shape[-2]
+        kv = _allocate(dense, spec, *_required_capacity(spec, seq_len, next_tokens))
+        torch.ops.kivi.store_prefill_(
+            *kv, dense, spec.bits, spec.group_size, spec.residual_length, spec.per_channel
+        )
+        return cls(kv, spec, seq_len)
+
+    # -- views of the state ------------------------------------------------------------------
+    @property
+    def kv(self) -> QuantizedKV:
+        return QuantizedKV(self.codes, self.scales, self.mins, self.residual, self.lengths)
+
+    def dequantize(self) -> torch.Tensor:
+        """The dense ``[B, H, T, D]`` cache in the model dtype (quantized part dequantized)."""
+        spec = self.spec
+        return torch.ops.kivi.dequantize(
+            *self.kv, spec.bits, spec.group_size, spec.per_channel, self.shape[-2]
+        )
+
+    def nbytes_held(self) -> int:
+        """Bytes of device memory the cache holds (all buffers at their current capacity)."""
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+    def reserved(self, new_tokens: int) -> KiviCacheTensor:
+        """This cache with capacity for ``new_tokens`` more (itself when it already has room)."""
+        quant_tokens, residual_tokens = _required_capacity(self.spec, self.shape[-2], new_tokens)
+        quant_capacity = self.codes.shape[-2] * tokens_per_code_row(self.spec.per_channel, self.spec.bits)
+        if quant_tokens <= quant_capacity and residual_tokens <= self.residual.shape[-2]:
+            return self
+        kv = _grown(self.kv, self.spec, quant_tokens, residual_tokens)
+        return KiviCacheTensor(kv, self.spec, self.shape[-2])
+
+    def appended(self, new: torch.Tensor) -> KiviCacheTensor:
+        """Quantize-on-append ``new [B, H, n, D]``; returns the cache of ``T + n`` tokens."""
+        _check_dense(new, self.spec, like=self)
+        cache = self.reserved(new.shape[-2])
+        spec = self.spec
+        torch.ops.kivi.append_(*cache.kv, new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
+        return KiviCacheTensor(cache.kv, spec, self.shape[-2] + new.shape[-2])
+
+    def mark_dynamic(self) -> None:
+        """Ask Dynamo to treat the growing sizes as dynamic, so steps and growth do not recompile."""
+        torch._dynamo.maybe_mark_dynamic(self, 2)
+        for buffer in (self.codes, self.scales, self.mins, self.residual):
+            torch._dynamo.maybe_mark_dynamic(buffer, buffer.dim() - 2)
+
+    def __repr__(self) -> str:  # type: ignore[override]
+        return (
+            f"KiviCacheTensor({self.spec.role}, shape={tuple(self.shape)}, dtype={self.dtype}, "
+            f"bits={self.spec.bits}, group_size={self.spec.group_size}, "
+            f"residual_length={self.spec.residual_length})"
+        )
+
+    # -- tensor subclass protocol ------------------------------------------------------------
+    def __tensor_flatten__(self) -> tuple[list[str], CacheSpec]:
+        return ["codes", "scales", "mins", "residual", "lengths"], self.spec
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, spec: CacheSpec, outer_size, outer_stride) -> KiviCacheTensor:
+        kv = QuantizedKV(inner["codes"], inner["scales"], inner["mins"], inner["residual"], inner["lengths"])
+        return KiviCacheTensor(kv, spec, outer_size[-2])
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is aten.cat.default and _is_append(args, kwargs):
+            past, new = args[0]
+            if _is_fake(past.residual):  # tracing: only the shape matters, buffers are reserved later
+                return KiviCacheTensor(past.kv, past.spec, past.shape[-2] + new.shape[-2])
+            return past.appended(new)
+        if func in (aten.detach.default, aten.alias.default):
+            (cache,) = args
+            return KiviCacheTensor(cache.kv, cache.spec, cache.shape[-2])
+        if func._schema.is_mutable:
+            raise NotImplementedError(
+                f"{func} would write into a KIVI-quantized cache; only torch.cat([cache, new], dim=-2) "
+                "appends are supported (dequantize() gives a dense copy)"
+            )
+        args, kwargs = tree_map_only(KiviCacheTensor, KiviCacheTensor.dequantize, (args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def _is_append(args, kwargs) -> bool:
+    tensors = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+    return (
+        len(tensors) == 2
+        and isinstance(tensors[0], KiviCacheTensor)
+        and not isinstance(tensors[1], KiviCacheTensor)
+        and dim in (2, -2)
+    )
+
+
+def _check_dense(dense: torch.Tensor, spec: CacheSpec, like: KiviCacheTensor | None = None) -> None:
+    if dense.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"KIVI caches hold float16, bfloat16 or float32 {spec.role}, got {dense.dtype}")
+    if dense.dim() != 4:
+        raise ValueError(f"KIVI {spec.role} must be [batch, heads, tokens, head_dim], got shape {tuple(dense.shape)}")
+    head_dim = dense.shape[-1]
+    if not spec.per_channel and head_dim % spec.group_size:
+        raise ValueError(
+            f"group_size={spec.group_size} does not divide the head dim {head_dim}: "
+            "values are quantized in groups of group_size channels of one token"
+        )
+    if like is not None and (dense.shape[:2] != like.shape[:2] or head_dim != like.shape[-1]):
+        raise ValueError(
+            f"cannot append {spec.role} of shape {tuple(dense.shape)} to a cache of shape {tuple(like.shape)}"
+        )
+
+
+def _required_capacity(spec: CacheSpec, seq_len: int, new_tokens: int) -> tuple[int, int]:
+    """(quantized, residual) token capacity that an append of ``new_tokens`` to ``seq_len`` needs.
+
+    The lazy flush leaves the schedule's quantized count for ``seq_len`` tokens, and at most ``R``
+    (values) or ``R - 1`` (keys) residual tokens, to which the new ones are added.
+    """
+    return flush_count(seq_len, spec.residual_length, spec.per_channel), spec.residual_length + new_tokens
+
+
+def _quant_rows(spec: CacheSpec, quant_tokens: int) -> tuple[int, int]:
+    """(code rows, scale rows) for a quantized capacity, at least 2 of each (no 0/1 specialisation)."""
+    granule = spec.group_size
+    tokens = max(2 * granule, -(-quant_tokens // granule) * granule)
+    return tokens // tokens_per_code_row(spec.per_channel, spec.bits), tokens // tokens_per_scale_row(
+        spec.per_channel, spec.group_size
+    )
+
+
+def _allocate(like: torch.Tensor, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
+    batch, heads, _, head_dim = like.shape
+    code_rows, scale_rows = _quant_rows(spec, quant_tokens)
+    code_cols = head_dim if spec.per_channel else head_dim * spec.bits // 8
+    scale_cols = head_dim if spec.per_channel else head_dim // spec.group_size
+    device = like.device
+    return QuantizedKV(
+        codes=torch.zeros(batch, heads, code_rows, code_cols, dtype=torch.uint8, device=device),
+        scales=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
+        mins=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
+        residual=torch.zeros(batch, heads, residual_tokens, head_dim, dtype=like.dtype, device=device),
+        lengths=torch.zeros(3, dtype=torch.int64, device=device),
+    )
+
+
+def _grown(kv: QuantizedKV, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
+    """Copy ``kv`` into buffers with room for the required tokens, growing geometrically."""
+    quant_capacity = kv.codes.shape[-2] * tokens_per_code_row(spec.per_channel, spec.bits)
+    if quant_tokens > quant_capacity:
+        quant_tokens = max(quant_tokens, quant_capacity + quant_capacity // _GROWTH_DIVISOR)
+    else:
+        quant_tokens = quant_capacity
+    residual_tokens = max(residual_tokens, kv.residual.shape[-2])
+    grown = _allocate(kv.residual, spec, quant_tokens, residual_tokens)
+    for old, new in zip((kv.codes, kv.scales, kv.mins), (grown.codes, grown.scales, grown.mins)):
+        new[..., : old.shape[-2], :] = old
+    if residual_tokens == kv.residual.shape[-2]:
+        grown.residual.copy_(kv.residual)
+        grown.lengths.copy_(kv.lengths)
+    else:  # unroll the ring into the larger buffer
+        ordered = residual_tokens_ref(kv)
+        grown.residual[..., : ordered.shape[-2], :] = ordered
+        grown.lengths.copy_(kv.lengths)
+        grown.lengths[2] = 0
+    return grown

@@ -1,0 +1,48 @@
+"""Run a rewritten graph: reserve cache capacity, flatten caches in, rebuild caches out.
+
+Growth happens here, outside the compiled graph, so the graph only ever writes into buffers that
+already have room; the returned caches are marked dynamic so the next step reuses the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from kivi_compile.cache import KiviCacheTensor
+from kivi_compile.passes import CallPlan
+
+
+class KiviGraphRuntime:
+    """Callable Dynamo invokes in place of the graph; ``compiled`` runs the rewritten graph."""
+
+    def __init__(self, compiled: Callable[..., Any], plan: CallPlan) -> None:
+        self.compiled = compiled
+        self.plan = plan
+
+    def __call__(self, *args: Any) -> tuple[Any, ...]:
+        grown: dict[int, tuple[KiviCacheTensor, int]] = {}
+        flat: list[Any] = []
+        for index, arg in enumerate(args):
+            read_new_tokens = self.plan.new_tokens.get(index)
+            if read_new_tokens is None:
+                flat.append(arg)
+                continue
+            new_tokens = read_new_tokens(args)
+            cache = arg.reserved(new_tokens)
+            grown[index] = (cache, arg.shape[-2] + new_tokens)
+            flat.extend(cache.kv)
+        outputs = self.compiled(*flat)  # Dynamo's convention; compile_fx's result follows it
+        return tuple(self._result(slot, outputs, grown) for slot in self.plan.outputs)
+
+    @staticmethod
+    def _result(slot, outputs, grown) -> Any:
+        if slot.kind == "graph":
+            return outputs[slot.index]
+        if slot.kind == "prefill":
+            cache = KiviCacheTensor.from_dense(outputs[slot.index], slot.spec)
+        else:
+            buffers, seq_len = grown[slot.index]
+            cache = KiviCacheTensor(buffers.kv, buffers.spec, seq_len)
+        cache.mark_dynamic()
+        return cache

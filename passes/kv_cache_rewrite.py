@@ -1,0 +1,236 @@
+"""Rewrite matched attention sites into KIVI.
+
+- Prefill (dense ``past``): attention stays full precision; the cache the graph returns is marked
+  to be quantized by the runtime into a ``KiviCacheTensor`` as it leaves the graph.
+- Decode (``KiviCacheTensor`` past): the cache placeholder is flattened into its five buffers; the
+  two ``cat`` appends become ``kivi::append_`` (quantize-on-append, in place) and the SDPA call
+  (with its GQA expansion) becomes ``kivi::decode_attention`` over quantized ++ residual. The
+  runtime rebuilds the returned caches from the same buffers.
+
+``rewrite_kv_attention`` returns the rewritten graph, the call plan the runtime follows, and one
+``SiteRecord`` per attention site (rewritten or not, and why).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.fx import GraphModule, Node
+
+from kivi_compile.cache import KiviCacheTensor
+from kivi_compile.config import CacheSpec, KiviConfig
+from kivi_compile.passes.attention_sites import (
+    KVAppend,
+    SiteMatch,
+    SiteMiss,
+    fake_value,
+    find_sites,
+    graph_outputs,
+    output_node,
+    source_location,
+)
+from kivi_compile.passes.symbolic_sizes import SizeReader, size_reader
+
+_CACHE_FIELDS = ("codes", "scales", "mins", "residual", "lengths")
+
+
+@dataclass(frozen=True)
+class SiteRecord:
+    """What the pass did with one attention site."""
+
+    attention: str  # node name in the Dynamo graph
+    location: str  # innermost user-code frame
+    phase: Literal["prefill", "decode", "unknown"]
+    rewritten: bool
+    reason: str | None
+    kv_heads: int | None = None
+    query_heads: int | None = None
+    head_dim: int | None = None
+
+
+@dataclass(frozen=True)
+class OutputSlot:
+    """Where one of the original graph outputs comes from at run time."""
+
+    kind: Literal["graph", "prefill", "decode"]
+    index: int  # graph output index ("graph", "prefill") or call argument index ("decode")
+    spec: CacheSpec | None = None
+
+
+@dataclass
+class CallPlan:
+    """How the runtime maps call arguments to graph inputs and graph outputs to results."""
+
+    new_tokens: dict[int, SizeReader] = field(default_factory=dict)  # decode cache arg -> new-token count
+    outputs: list[OutputSlot] = field(default_factory=list)
+
+
+@dataclass
+class RewriteResult:
+    graph_module: GraphModule
+    example_inputs: list[Any]  # matching the rewritten graph's placeholders
+    plan: CallPlan
+    sites: list[SiteRecord]
+    unflattened_caches: list[str]  # KiviCacheTensor placeholders left as subclass inputs
+
+    @property
+    def rewritten(self) -> int:
+        return sum(site.rewritten for site in self.sites)
+
+
+def _record(site: SiteMatch | SiteMiss, phase, rewritten: bool, reason: str | None) -> SiteRecord:
+    shapes = {}
+    if isinstance(site, SiteMatch):
+        q, k = fake_value(site.query), fake_value(site.key.new)
+        shapes = dict(kv_heads=int(k.shape[1]), query_heads=int(q.shape[1]), head_dim=int(k.shape[-1]))
+    return SiteRecord(site.attention.name, source_location(site.attention), phase, rewritten, reason, **shapes)
+
+
+def _flatten_placeholder(graph: torch.fx.Graph, placeholder: Node) -> list[Node]:
+    """New placeholders for the five buffers of a ``KiviCacheTensor`` placeholder, right after it."""
+    cache = fake_value(placeholder)
+    nodes, anchor = [], placeholder
+    for name in _CACHE_FIELDS:
+        with graph.inserting_after(anchor):
+            node = graph.placeholder(f"{placeholder.name}_{name}")
+        node.meta["example_value"] = node.meta["val"] = getattr(cache, name)
+        nodes.append(node)
+        anchor = node
+    return nodes
+
+
+def _erase_path(graph: torch.fx.Graph, start: object) -> None:
+    """Erase ``start`` and its first-argument ancestors while they have no users."""
+    node = start
+    while isinstance(node, Node) and node.op != "placeholder" and not node.users:
+        parent = node.args[0] if node.args else None
+        graph.erase_node(node)
+        node = parent[0] if isinstance(parent, (list, tuple)) else parent
+
+
+def _rewrite_decode(graph: torch.fx.Graph, site: SiteMatch, states: dict[str, list[Node]]) -> None:
+    key_spec: CacheSpec = fake_value(site.key.past).spec
+    value_spec: CacheSpec = fake_value(site.value.past).spec
+    attention = site.attention
+    with graph.inserting_before(attention):
+        for side, spec in ((site.key, key_spec), (site.value, value_spec)):
+            append = graph.call_function(
+                torch.ops.kivi.append_.default,
+                (*states[side.past.name], side.new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel),
+            )
+            append.meta["stack_trace"] = attention.meta.get("stack_trace")
+        fused = graph.call_function(
+            torch.ops.kivi.decode_attention.default,
+            (
+                site.query,
+                *states[site.key.past.name],
+                *states[site.value.past.name],
+                site.attn_mask,
+                site.scale,
+                site.is_causal,
+                key_spec.bits,
+                value_spec.bits,
+                key_spec.group_size,
+            ),
+        )
+    fused.meta.update(attention.meta)
+    key_input, value_input = attention.args[1], attention.args[2]
+    attention.replace_all_uses_with(fused)
+    graph.erase_node(attention)
+    for side_input in (key_input, value_input):
+        _erase_path(graph, side_input)
+
+
+_SIZE_QUERIES = ("numel", "size", "dim", "stride")
+
+
+def _is_dead_size_query(node: Node) -> bool:
+    """``cache.numel()`` and the like that Dynamo folded into guards, leaving the node unused."""
+    return node.op == "call_method" and node.target in _SIZE_QUERIES and not node.users
+
+
+def _decode_miss(site: SiteMatch, readers: dict[str, SizeReader | None]) -> str | None:
+    for side in (site.key, site.value):
+        if side.past.op != "placeholder":
+            return "the KIVI cache is computed inside the graph, not passed in"
+        if readers[side.past.name] is None:
+            return "the number of appended tokens cannot be derived from the graph inputs"
+        if any(user is not side.cat and not _is_dead_size_query(user) for user in side.past.users):
+            return "the KIVI cache is read by more than this append"
+    if fake_value(site.key.past).spec.group_size != fake_value(site.value.past).spec.group_size:
+        return "key and value caches use different group sizes"
+    return None
+
+
+def _copy(gm: GraphModule) -> GraphModule:
+    """A copy of ``gm`` with its own graph (Dynamo still reads the original's placeholders)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return GraphModule(gm, graph)
+
+
+def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config: KiviConfig) -> RewriteResult:
+    """Rewrite every recognised attention site of a copy of a Dynamo graph; see the module docstring."""
+    gm = _copy(gm)
+    graph = gm.graph
+    placeholders = [node for node in graph.nodes if node.op == "placeholder"]
+    arg_index = {node: i for i, node in enumerate(placeholders)}
+    output = output_node(graph)
+    records: list[SiteRecord] = []
+    prefill_specs: dict[Node, CacheSpec] = {}
+    decode_cats: dict[Node, Node] = {}  # cat -> the cache placeholder it appends to
+    plan = CallPlan()
+    states: dict[str, list[Node]] = {}
+
+    for site in find_sites(graph):
+        if isinstance(site, SiteMiss):
+            records.append(_record(site, "unknown", False, site.reason))
+            continue
+        config.check_head_dim(int(fake_value(site.key.new).shape[-1]))
+        if not site.key.is_decode:
+            prefill_specs[site.key.cat] = config.key_spec()
+            prefill_specs[site.value.cat] = config.value_spec()
+            records.append(_record(site, "prefill", True, None))
+            continue
+        readers = {
+            side.past.name: size_reader(fake_value(side.new).shape[-2], example_inputs)
+            for side in (site.key, site.value)
+        }
+        reason = _decode_miss(site, readers)
+        if reason is not None:
+            records.append(_record(site, "decode", False, reason))
+            continue
+        for side in (site.key, site.value):
+            states[side.past.name] = _flatten_placeholder(graph, side.past)
+            plan.new_tokens[arg_index[side.past]] = readers[side.past.name]
+            decode_cats[side.cat] = side.past
+        _rewrite_decode(graph, site, states)
+        records.append(_record(site, "decode", True, None))
+
+    kept: list[object] = []
+    for value in graph_outputs(output):  # read after the rewrites, which may have replaced outputs
+        if value in decode_cats:
+            plan.outputs.append(OutputSlot("decode", arg_index[decode_cats[value]]))
+        else:
+            kind = "prefill" if value in prefill_specs else "graph"
+            plan.outputs.append(OutputSlot(kind, len(kept), prefill_specs.get(value)))
+            kept.append(value)
+    output.args = (tuple(kept),)
+    for cat, past in decode_cats.items():
+        graph.erase_node(cat)
+        for query in list(past.users):
+            graph.erase_node(query)
+        graph.erase_node(past)
+
+    flat_inputs: list[Any] = []
+    for index, example in enumerate(example_inputs):
+        flat_inputs.extend(example.kv if index in plan.new_tokens else (example,))
+    unflattened = [
+        node.name for node in graph.nodes if node.op == "placeholder" and isinstance(fake_value(node), KiviCacheTensor)
+    ]
+    graph.lint()
+    gm.recompile()
+    return RewriteResult(gm, flat_inputs, plan, records, unflattened)

@@ -1,0 +1,130 @@
+"""Test helpers: tiny models, an independent KIVI simulation, error metrics.
+
+The simulation re-implements the KIVI contract from the issue text with its own fake-quant code,
+so the tests do not compare the product with itself.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+)
+from transformers.cache_utils import DynamicLayer
+
+from kivi_compile import KiviConfig
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+_TINY = dict(
+    vocab_size=97,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=2048,
+)
+
+
+def tiny_model(family: str, dtype: torch.dtype = torch.float32, **overrides) -> torch.nn.Module:
+    """A 2-layer random-weight causal LM of an HF family (GQA 2:1, head_dim 32), eval mode."""
+    kwargs = {**_TINY, "attn_implementation": "sdpa", **overrides}
+    if family == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**{"sliding_window": None, **kwargs}))
+    else:
+        raise ValueError(family)
+    return model.to(dtype).eval()
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def fake_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> torch.Tensor:
+    """Quantize-dequantize ``x [B, H, T, D]`` per the contract, in float32 (independent code)."""
+    if x.shape[-2] == 0:
+        return x
+    xf = x.float()
+    if per_channel:  # groups of `group` tokens of one channel
+        g = xf.reshape(*x.shape[:2], x.shape[2] // group, group, x.shape[3])
+        lo, hi = g.min(dim=3, keepdim=True).values, g.max(dim=3, keepdim=True).values
+    else:  # groups of `group` channels of one token
+        g = xf.reshape(*x.shape[:3], x.shape[3] // group, group)
+        lo, hi = g.min(dim=4, keepdim=True).values, g.max(dim=4, keepdim=True).values
+    step = (hi - lo) / (2**bits - 1)
+    code = torch.where(step > 0, ((g - lo) / torch.where(step > 0, step, 1.0)).round().clamp(0, 2**bits - 1), 0.0)
+    return (code * step + lo).reshape(x.shape).to(x.dtype)
+
+
+class SimulatedKiviLayer(DynamicLayer):
+    """Keeps the full-precision history; returns what KIVI attention must see at each step."""
+
+    def __init__(self, config: KiviConfig) -> None:
+        super().__init__()
+        self.kivi = config
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:  # prefill: attention in full precision
+            self.dtype, self.device = key_states.dtype, key_states.device
+            self.keys, self.values, self.is_initialized = key_states, value_states, True
+            return self.keys, self.values
+        past = self.keys.shape[-2]
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        r, g = self.kivi.residual_length, self.kivi.group_size
+        quant_k, quant_v = past // r * r, max(past - r, 0)
+        keys = torch.cat([fake_quant(self.keys[:, :, :quant_k], self.kivi.key_bits, g, True), self.keys[:, :, quant_k:]], -2)
+        values = torch.cat(
+            [fake_quant(self.values[:, :, :quant_v], self.kivi.value_bits, g, False), self.values[:, :, quant_v:]], -2
+        )
+        return keys, values
+
+
+def simulated_cache(model: torch.nn.Module, config: KiviConfig) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    cache.layers = [SimulatedKiviLayer(config) for _ in range(model.config.num_hidden_layers)]
+    return cache
+
+
+def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs):
+    """Greedy generation returning (tokens, per-step logits [steps, B, V])."""
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
+    )
+    return out.sequences, torch.stack(out.logits)
+
+
+@torch.no_grad()
+def teacher_forced(model: torch.nn.Module, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
+    """Prefill ``sequence[:, :prompt_len]``, then feed the rest one token at a time.
+
+    Returns the next-token logits after the prompt and after each fed token, ``[steps, B, V]``.
+    """
+    cache = DynamicCache(config=model.config)
+    logits = [model(sequence[:, :prompt_len], past_key_values=cache, use_cache=True).logits[:, -1]]
+    for position in range(prompt_len, sequence.shape[1]):
+        out = model(sequence[:, position : position + 1], past_key_values=cache, use_cache=True)
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits)
