@@ -50,6 +50,15 @@ def graph_outputs(output: Node) -> list:
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
+def module_path(node: Node) -> str:
+    """Qualified name of the innermost ``nn.Module`` a node was traced in, or '' for functions."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    return path.removeprefix("L['self'].").removeprefix("L['self']")
+
+
 @dataclass(frozen=True)
 class KVAppend:
     """``cat([past, new], dim=seq)``: one side (keys or values) of the cache update."""

@@ -28,6 +28,7 @@ from kivi_compile.passes.attention_sites import (
     SiteMiss,
     fake_value,
     find_sites,
+    module_path,
     graph_outputs,
     output_node,
     source_location,
@@ -42,10 +43,13 @@ class SiteRecord:
     """What the pass did with one attention site."""
 
     attention: str  # node name in the Dynamo graph
+    module: str  # qualified name of the module it was traced in ('' for a plain function)
     location: str  # innermost user-code frame
+    pattern: str  # which attention form matched (or was looked at)
     phase: Literal["prefill", "decode", "unknown"]
     rewritten: bool
     reason: str | None
+    kv_source: str = ""  # the graph input the cache comes from ('' for a prefill's new cache)
     kv_heads: int | None = None
     query_heads: int | None = None
     head_dim: int | None = None
@@ -70,6 +74,7 @@ class CallPlan:
 
 @dataclass
 class RewriteResult:
+    code_before: str  # the Dynamo graph's Python code, before the rewrite
     graph_module: GraphModule
     example_inputs: list[Any]  # matching the rewritten graph's placeholders
     plan: CallPlan
@@ -82,11 +87,16 @@ class RewriteResult:
 
 
 def _record(site: SiteMatch | SiteMiss, phase, rewritten: bool, reason: str | None) -> SiteRecord:
-    shapes = {}
+    details = {}
     if isinstance(site, SiteMatch):
         q, k = fake_value(site.query), fake_value(site.key.new)
-        shapes = dict(kv_heads=int(k.shape[1]), query_heads=int(q.shape[1]), head_dim=int(k.shape[-1]))
-    return SiteRecord(site.attention.name, source_location(site.attention), phase, rewritten, reason, **shapes)
+        details = dict(kv_heads=int(k.shape[1]), query_heads=int(q.shape[1]), head_dim=int(k.shape[-1]))
+        if site.key.past.op == "placeholder":
+            details["kv_source"] = str(site.key.past.target)
+    node = site.attention
+    return SiteRecord(
+        node.name, module_path(node), source_location(node), "sdpa", phase, rewritten, reason, **details
+    )
 
 
 def _flatten_placeholder(graph: torch.fx.Graph, placeholder: Node) -> list[Node]:
@@ -174,6 +184,7 @@ def _copy(gm: GraphModule) -> GraphModule:
 
 def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config: KiviConfig) -> RewriteResult:
     """Rewrite every recognised attention site of a copy of a Dynamo graph; see the module docstring."""
+    code_before = gm.code
     gm = _copy(gm)
     graph = gm.graph
     placeholders = [node for node in graph.nodes if node.op == "placeholder"]
@@ -233,4 +244,4 @@ def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config:
     ]
     graph.lint()
     gm.recompile()
-    return RewriteResult(gm, flat_inputs, plan, records, unflattened)
+    return RewriteResult(code_before, gm, flat_inputs, plan, records, unflattened)
