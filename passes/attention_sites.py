@@ -1,13 +1,14 @@
 """Find attention sites fed by a KV-cache append in a Dynamo FX graph.
 
-A site is ``scaled_dot_product_attention(q, repeat(cat([past_k, k])), repeat(cat([past_v, v])))``
-where each ``cat`` is on the sequence axis and is also a graph output (the cache store Dynamo
-writes back into ``DynamicLayer``), and ``repeat`` is optional GQA expansion (``repeat_kv``:
-unsqueeze/expand/reshape, or ``repeat_interleave`` on the head axis). ``past`` is either a
-``KiviCacheTensor`` placeholder (a decode step) or a dense tensor, possibly empty (a prefill).
+A site is an attention (``attention_patterns``: SDPA or eager) over ``repeat(cat([past_k, k]))``
+and ``repeat(cat([past_v, v]))``, where each ``cat`` is on the sequence axis and is also a graph
+output (the cache store Dynamo writes back into ``DynamicLayer``), and ``repeat`` is optional GQA
+expansion (``repeat_kv``: unsqueeze/expand/reshape, or ``repeat_interleave`` on the head axis).
+``past`` is either a ``KiviCacheTensor`` placeholder (a decode step) or a dense tensor, possibly
+empty (a prefill).
 
-Matching never raises on an unfamiliar graph: each SDPA call yields a ``SiteMatch`` or the reason it
-is not one. Shapes and dtypes are read from the nodes' fake values.
+Matching never raises on an unfamiliar graph: each attention yields a ``SiteMatch`` or the reason
+it is not one. Shapes and dtypes are read from the nodes' fake values.
 """
 
 from __future__ import annotations
@@ -16,21 +17,10 @@ import operator
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch.fx import Node
 
 from kivi_compile.cache import SUPPORTED_DTYPES, KiviCacheTensor
-
-SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
-_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-_SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
-
-
-def fake_value(node: object):
-    """The fake tensor / SymInt a node carries (Dynamo: ``example_value``; AOT/Inductor: ``val``)."""
-    if not isinstance(node, Node):
-        return node
-    return node.meta.get("example_value", node.meta.get("val"))
+from kivi_compile.passes.attention_patterns import AttentionCall, fake_value, find_attention
 
 
 def source_location(node: Node) -> str:
@@ -38,6 +28,15 @@ def source_location(node: Node) -> str:
     trace = node.meta.get("stack_trace") or ""
     frames = [line.strip() for line in trace.splitlines() if line.strip().startswith("File ")]
     return frames[-1] if frames else ""
+
+
+def module_path(node: Node) -> str:
+    """Qualified name of the innermost ``nn.Module`` a node was traced in, or '' for functions."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = str(list(stack.values())[-1][0])
+    return path.removeprefix("L['self'].").removeprefix("L['self']")
 
 
 def output_node(graph: torch.fx.Graph) -> Node:
@@ -50,15 +49,6 @@ def graph_outputs(output: Node) -> list:
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
-def module_path(node: Node) -> str:
-    """Qualified name of the innermost ``nn.Module`` a node was traced in, or '' for functions."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    path = str(list(stack.values())[-1][0])
-    return path.removeprefix("L['self'].").removeprefix("L['self']")
-
-
 @dataclass(frozen=True)
 class KVAppend:
     """``cat([past, new], dim=seq)``: one side (keys or values) of the cache update."""
@@ -67,6 +57,7 @@ class KVAppend:
     past: Node
     new: Node
     repeats: int  # GQA: query heads per KV head as expanded before attention
+    expansion: tuple[Node, ...]  # the GQA expansion nodes between the cat and the attention
 
     @property
     def is_decode(self) -> bool:
@@ -75,27 +66,20 @@ class KVAppend:
 
 @dataclass(frozen=True)
 class SiteMatch:
-    attention: Node
-    query: Node
+    call: AttentionCall
     key: KVAppend
     value: KVAppend
-    attn_mask: Node | None
-    scale: float | None
-    is_causal: bool
+
+    @property
+    def attention(self) -> Node:
+        return self.call.anchor
 
 
 @dataclass(frozen=True)
 class SiteMiss:
     attention: Node
+    pattern: str
     reason: str
-
-
-def sdpa_arguments(node: Node) -> dict[str, object]:
-    """SDPA call arguments by name, defaults filled in."""
-    named = dict(_SDPA_DEFAULTS)
-    named.update(zip(_SDPA_PARAMS, node.args))
-    named.update(node.kwargs)
-    return named
 
 
 def _is_full_index(index: object) -> bool:
@@ -115,8 +99,7 @@ def _strip_repeat_kv(node: Node) -> tuple[Node, int]:
     if node.target in ("reshape", "view", torch.reshape) and isinstance(node.args[0], Node):
         expanded = node.args[0]
         if expanded.target == "expand" and isinstance(expanded.args[0], Node):
-            unsqueezed = expanded.args[0]
-            source = _unsqueezed_at_2(unsqueezed)
+            source = _unsqueezed_at_2(expanded.args[0])
             if source is not None:
                 src_shape = tuple(fake_value(source).shape)
                 exp_shape = tuple(fake_value(expanded).shape)
@@ -146,18 +129,16 @@ def _unsqueezed_at_2(node: Node) -> Node | None:
     return None
 
 
-def _only_feeds(source: Node, attention_input: Node, allowed: set[Node]) -> bool:
-    """True if every node from ``source`` down to ``attention_input`` is used only on that path."""
+def _path(source: Node, attention_input: Node) -> list[Node]:
+    """The nodes from ``attention_input`` back to ``source`` along first arguments (both included)."""
     path, node = [], attention_input
     while node is not source:
         path.append(node)
         node = node.args[0]
-    path.append(source)
-    inside = set(path) | allowed
-    return all(set(n.users) <= inside for n in path)
+    return [*path, source]
 
 
-def _kv_append(node: Node, side: str, cache_outputs: set[Node], attention: Node, output: Node) -> KVAppend | str:
+def _kv_append(node: Node, side: str, cache_outputs: set[Node], owned: set[Node]) -> KVAppend | str:
     source, repeats = _strip_repeat_kv(node)
     if source.target is not torch.cat:
         return f"{side} are not produced by a KV-cache torch.cat (found {source.target})"
@@ -173,49 +154,37 @@ def _kv_append(node: Node, side: str, cache_outputs: set[Node], attention: Node,
         return f"{side} cat is not returned from the graph, so it is not a cache update"
     if new_value.dtype not in SUPPORTED_DTYPES:
         return f"{side} dtype {new_value.dtype} is not float16/bfloat16/float32"
-    if isinstance(fake_value(past), KiviCacheTensor) and not _only_feeds(source, node, {attention, output}):
+    path = _path(source, node)
+    if isinstance(fake_value(past), KiviCacheTensor) and any(set(n.users) - set(path) - owned for n in path):
         return f"the appended {side} are also used outside this attention, which needs them dense"
-    return KVAppend(cat=source, past=past, new=new, repeats=repeats)
+    return KVAppend(cat=source, past=past, new=new, repeats=repeats, expansion=tuple(path[:-1]))
 
 
-def match_site(node: Node, output: Node) -> SiteMatch | SiteMiss:
-    """Match one SDPA call of a graph whose output node is ``output``."""
+def match_site(call: AttentionCall, output: Node) -> SiteMatch | SiteMiss:
+    """Match the KV-cache appends feeding one attention of a graph whose output node is ``output``."""
     cache_outputs = set(graph_outputs(output))
-    args = sdpa_arguments(node)
-    if args["dropout_p"] != 0.0:
-        return SiteMiss(node, f"dropout_p={args['dropout_p']!r} (only 0.0, i.e. inference, is supported)")
-    for name in ("scale", "is_causal", "enable_gqa"):
-        if isinstance(args[name], Node):
-            return SiteMiss(node, f"{name} is computed in the graph, not a constant")
+    owned = {call.anchor, *call.interior, output}
     sides = {}
-    for side in ("key", "value"):
-        found = _kv_append(args[side], side + "s", cache_outputs, node, output)
+    for side, node in (("keys", call.key), ("values", call.value)):
+        found = _kv_append(node, side, cache_outputs, owned)
         if isinstance(found, str):
-            return SiteMiss(node, found)
+            return SiteMiss(call.anchor, call.pattern, found)
         sides[side] = found
-    key, value = sides["key"], sides["value"]
+    key, value = sides["keys"], sides["values"]
     if key.is_decode != value.is_decode:
-        return SiteMiss(node, "keys and values come from caches of different kinds (KIVI vs dense)")
-    q = fake_value(args["query"])
-    k_new = fake_value(key.new)
+        reason = "keys and values come from caches of different kinds (KIVI vs dense)"
+        return SiteMiss(call.anchor, call.pattern, reason)
+    q, k_new = fake_value(call.query), fake_value(key.new)
     if q.dim() != 4 or q.shape[-1] != k_new.shape[-1] or q.shape[1] % k_new.shape[1]:
-        return SiteMiss(node, f"query {tuple(q.shape)} does not fit keys {tuple(k_new.shape)} (heads, head_dim)")
-    return SiteMatch(
-        attention=node,
-        query=args["query"],
-        key=key,
-        value=value,
-        attn_mask=args["attn_mask"],
-        scale=args["scale"],
-        is_causal=bool(args["is_causal"]),
-    )
+        reason = f"query {tuple(q.shape)} does not fit keys {tuple(k_new.shape)} (heads, head_dim)"
+        return SiteMiss(call.anchor, call.pattern, reason)
+    return SiteMatch(call, key, value)
 
 
 def find_sites(graph: torch.fx.Graph) -> list[SiteMatch | SiteMiss]:
-    """Every SDPA call in the graph, matched or with the reason it was not."""
+    """Every attention in the graph, matched to its KV-cache appends or with the reason it was not."""
     output = output_node(graph)
     return [
-        match_site(node, output)
-        for node in graph.nodes
-        if node.op == "call_function" and node.target in SDPA_TARGETS
+        match_site(found, output) if isinstance(found, AttentionCall) else SiteMiss(found[0], "eager", found[1])
+        for found in find_attention(graph)
     ]

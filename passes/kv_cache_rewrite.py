@@ -88,14 +88,15 @@ class RewriteResult:
 
 def _record(site: SiteMatch | SiteMiss, phase, rewritten: bool, reason: str | None) -> SiteRecord:
     details = {}
+    pattern = site.pattern if isinstance(site, SiteMiss) else site.call.pattern
     if isinstance(site, SiteMatch):
-        q, k = fake_value(site.query), fake_value(site.key.new)
+        q, k = fake_value(site.call.query), fake_value(site.key.new)
         details = dict(kv_heads=int(k.shape[1]), query_heads=int(q.shape[1]), head_dim=int(k.shape[-1]))
         if site.key.past.op == "placeholder":
             details["kv_source"] = str(site.key.past.target)
     node = site.attention
     return SiteRecord(
-        node.name, module_path(node), source_location(node), "sdpa", phase, rewritten, reason, **details
+        node.name, module_path(node), source_location(node), pattern, phase, rewritten, reason, **details
     )
 
 
@@ -112,19 +113,19 @@ def _flatten_placeholder(graph: torch.fx.Graph, placeholder: Node) -> list[Node]
     return nodes
 
 
-def _erase_path(graph: torch.fx.Graph, start: object) -> None:
-    """Erase ``start`` and its first-argument ancestors while they have no users."""
-    node = start
-    while isinstance(node, Node) and node.op != "placeholder" and not node.users:
-        parent = node.args[0] if node.args else None
-        graph.erase_node(node)
-        node = parent[0] if isinstance(parent, (list, tuple)) else parent
+def _erase_unused(graph: torch.fx.Graph, candidates: list[Node]) -> None:
+    """Erase the candidates that nothing uses any more, users before producers."""
+    pending = set(candidates)
+    for node in reversed(list(graph.nodes)):
+        if node in pending and not node.users:
+            graph.erase_node(node)
 
 
 def _rewrite_decode(graph: torch.fx.Graph, site: SiteMatch, states: dict[str, list[Node]]) -> None:
     key_spec: CacheSpec = fake_value(site.key.past).spec
     value_spec: CacheSpec = fake_value(site.value.past).spec
-    attention = site.attention
+    call = site.call
+    attention = call.anchor
     with graph.inserting_before(attention):
         for side, spec in ((site.key, key_spec), (site.value, value_spec)):
             append = graph.call_function(
@@ -135,23 +136,21 @@ def _rewrite_decode(graph: torch.fx.Graph, site: SiteMatch, states: dict[str, li
         fused = graph.call_function(
             torch.ops.kivi.decode_attention.default,
             (
-                site.query,
+                call.query,
                 *states[site.key.past.name],
                 *states[site.value.past.name],
-                site.attn_mask,
-                site.scale,
-                site.is_causal,
+                call.attn_mask,
+                call.scale,
+                call.is_causal,
                 key_spec.bits,
                 value_spec.bits,
                 key_spec.group_size,
             ),
         )
     fused.meta.update(attention.meta)
-    key_input, value_input = attention.args[1], attention.args[2]
     attention.replace_all_uses_with(fused)
     graph.erase_node(attention)
-    for side_input in (key_input, value_input):
-        _erase_path(graph, side_input)
+    _erase_unused(graph, [*call.interior, *site.key.expansion, *site.value.expansion])
 
 
 _SIZE_QUERIES = ("numel", "size", "dim", "stride")

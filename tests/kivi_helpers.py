@@ -94,9 +94,17 @@ class SimulatedKiviLayer(DynamicLayer):
         return keys, values
 
 
-def simulated_cache(model: torch.nn.Module, config: KiviConfig) -> DynamicCache:
+def simulated_cache(
+    model: torch.nn.Module, config: KiviConfig, quantized_layers: set[int] | None = None
+) -> DynamicCache:
+    """A cache that applies the KIVI contract to ``quantized_layers`` (default: all) and keeps the
+    other layers in full precision."""
     cache = DynamicCache(config=model.config)
-    cache.layers = [SimulatedKiviLayer(config) for _ in range(model.config.num_hidden_layers)]
+    layers = range(model.config.num_hidden_layers)
+    cache.layers = [
+        SimulatedKiviLayer(config) if quantized_layers is None or i in quantized_layers else DynamicLayer()
+        for i in layers
+    ]
     return cache
 
 

@@ -86,12 +86,16 @@ def test_unrecognised_attention_is_left_exactly_as_it_was(fn, args, reason):
 
 
 def test_unrecognised_model_generates_exactly_what_it_does_without_the_backend():
-    model = tiny_model("llama", attn_implementation="eager")  # matmul-softmax-matmul: not an SDPA site
+    from architecture_matrix import FAMILIES, tiny_family_model
+
+    model = tiny_family_model(*FAMILIES["gemma2 (logit soft-capping)"])  # tanh between q·kᵀ and softmax
     prompt = torch.randint(1, model.config.vocab_size, (1, 20))
     kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=30, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **kwargs)
-    model.forward = torch.compile(model.forward, backend=kivi_compile.backend(CONFIG))
+    backend = kivi_compile.backend(CONFIG)
+    model.forward = torch.compile(model.forward, backend=backend)
     assert torch.equal(model.generate(prompt, **kwargs), expected)
+    assert not any(site.rewritten for result in backend.results for site in result.sites)
 
 
 def test_group_size_that_does_not_divide_the_head_dim_is_a_clear_error():
