@@ -20,6 +20,7 @@ from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import flush_count
 from kivi_compile.kernels.cache_layout import QuantizedKV, residual_tokens_ref
 from kivi_compile.kernels.quantize import tokens_per_code_row, tokens_per_scale_row
+from kivi_compile.padding import backfill_hidden_keys
 
 aten = torch.ops.aten
 
@@ -51,12 +52,22 @@ class KiviCacheTensor(torch.Tensor):
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, dense: torch.Tensor, spec: CacheSpec, next_tokens: int = 1) -> KiviCacheTensor:
+    def from_dense(
+        cls,
+        dense: torch.Tensor,
+        spec: CacheSpec,
+        next_tokens: int = 1,
+        visible: torch.Tensor | None = None,
+    ) -> KiviCacheTensor:
         """Quantize a prompt's keys or values ``dense [B, H, T, D]`` per the prefill rule.
 
         Capacity is reserved for ``next_tokens`` more tokens, so the next append does not grow.
+        ``visible [B, T]`` (bool) marks the positions attention can see; hidden ones (pads) are kept
+        out of the key groups' ranges (see ``padding.py``).
         """
         _check_dense(dense, spec)
+        if visible is not None and spec.per_channel:
+            dense = backfill_hidden_keys(dense, visible)
         seq_len = dense.shape[-2]
         kv = _allocate(dense, spec, *_required_capacity(spec, seq_len, next_tokens))
         torch.ops.kivi.store_prefill_(
@@ -97,6 +108,27 @@ class KiviCacheTensor(torch.Tensor):
         torch.ops.kivi.append_(*cache.kv, new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
         return KiviCacheTensor(cache.kv, spec, self.shape[-2] + new.shape[-2])
 
+    def batch_selected(self, rows: torch.Tensor) -> KiviCacheTensor:
+        """The cache of batch rows ``rows`` (beam search reorders beams this way)."""
+        buffers = (t.index_select(0, rows.to(t.device)) for t in (self.codes, self.scales, self.mins, self.residual))
+        return _dynamic(KiviCacheTensor(QuantizedKV(*buffers, self.lengths.clone()), self.spec, self.shape[-2]))
+
+    def cropped(self, seq_len: int) -> KiviCacheTensor:
+        """The first ``seq_len`` tokens (assisted decoding drops rejected candidates this way).
+
+        Only residual tokens can be dropped: quantized groups are never split or requantized.
+        """
+        n_quant, n_residual, start = self.lengths.tolist()
+        if seq_len < n_quant:
+            raise NotImplementedError(
+                f"cannot crop a KIVI {self.spec.role} cache to {seq_len} tokens: its first {n_quant} are "
+                "already quantized in groups; only the full-precision residual can be dropped"
+            )
+        lengths = torch.tensor([n_quant, seq_len - n_quant, start], dtype=self.lengths.dtype, device=self.lengths.device)
+        # A view of this cache to autograd (it answers aten.slice): Dynamo fakeifies it by replaying
+        # the crop on this cache's (dynamic) sizes, so it must not be marked itself.
+        return KiviCacheTensor(self.kv._replace(lengths=lengths), self.spec, seq_len)
+
     def mark_dynamic(self) -> None:
         """Ask Dynamo to treat the growing sizes as dynamic, so steps and growth do not recompile."""
         torch._dynamo.maybe_mark_dynamic(self, 2)
@@ -130,6 +162,19 @@ class KiviCacheTensor(torch.Tensor):
         if func in (aten.detach.default, aten.alias.default):
             (cache,) = args
             return KiviCacheTensor(cache.kv, cache.spec, cache.shape[-2])
+        if func is aten.index_select.default and args[1] == 0:  # beam search: reorder_cache
+            cache, _, rows = args
+            return cache.batch_selected(rows)
+        if func is aten.slice.Tensor and _is_crop(args):  # assisted decoding: crop
+            cache, end = args[0], args[3]
+            seq_len = min(end if end >= 0 else cache.shape[-2] + end, cache.shape[-2])
+            if _is_fake(cache.residual):  # Dynamo replaying the crop (a view op) on its fake input
+                return KiviCacheTensor(cache.kv, cache.spec, seq_len)
+            return cache.cropped(seq_len)
+        if func is aten._to_copy.default and set(kwargs) <= {"device", "non_blocking"}:  # offload
+            cache = args[0]
+            moved = (t.to(kwargs.get("device"), non_blocking=kwargs.get("non_blocking", False)) for t in cache.kv)
+            return _dynamic(KiviCacheTensor(QuantizedKV(*moved), cache.spec, cache.shape[-2]))
         if func._schema.is_mutable:
             raise NotImplementedError(
                 f"{func} would write into a KIVI-quantized cache; only torch.cat([cache, new], dim=-2) "
@@ -139,8 +184,19 @@ class KiviCacheTensor(torch.Tensor):
         return func(*args, **kwargs)
 
 
+def _dynamic(cache: KiviCacheTensor) -> KiviCacheTensor:
+    cache.mark_dynamic()
+    return cache
+
+
 def _is_fake(t: torch.Tensor) -> bool:
     return isinstance(t, torch._subclasses.fake_tensor.FakeTensor)
+
+
+def _is_crop(args) -> bool:
+    """``cache[..., :end, :]``: a slice of the token axis from 0 with step 1."""
+    dim, start, step = args[1] if len(args) > 1 else 0, args[2] if len(args) > 2 else None, args[4] if len(args) > 4 else 1
+    return dim in (2, -2) and start in (None, 0) and step == 1 and len(args) > 3 and isinstance(args[3], int)
 
 
 def _is_append(args, kwargs) -> bool:

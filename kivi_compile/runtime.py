@@ -40,7 +40,8 @@ class KiviGraphRuntime:
         if slot.kind == "graph":
             return outputs[slot.index]
         if slot.kind == "prefill":
-            cache = KiviCacheTensor.from_dense(outputs[slot.index], slot.spec)
+            visible = None if slot.visible_index is None else outputs[slot.visible_index]
+            cache = KiviCacheTensor.from_dense(outputs[slot.index], slot.spec, visible=visible)
         else:
             buffers, seq_len = grown[slot.index]
             cache = KiviCacheTensor(buffers.kv, buffers.spec, seq_len)

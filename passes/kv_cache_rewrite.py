@@ -22,6 +22,7 @@ from torch.fx import GraphModule, Node
 
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import CacheSpec, KiviConfig
+from kivi_compile.padding import key_validity
 from kivi_compile.passes.attention_sites import (
     KVAppend,
     SiteMatch,
@@ -62,6 +63,7 @@ class OutputSlot:
     kind: Literal["graph", "prefill", "decode"]
     index: int  # graph output index ("graph", "prefill") or call argument index ("decode")
     spec: CacheSpec | None = None
+    visible_index: int | None = None  # "prefill": graph output holding the key positions' visibility
 
 
 @dataclass
@@ -191,6 +193,8 @@ def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config:
     output = output_node(graph)
     records: list[SiteRecord] = []
     prefill_specs: dict[Node, CacheSpec] = {}
+    prefill_visibility: dict[Node, Node] = {}  # a prefill's key cat -> its positions' visibility
+    visibility_of_mask: dict[Node, Node] = {}
     decode_cats: dict[Node, Node] = {}  # cat -> the cache placeholder it appends to
     plan = CallPlan()
     states: dict[str, list[Node]] = {}
@@ -203,6 +207,12 @@ def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config:
         if not site.key.is_decode:
             prefill_specs[site.key.cat] = config.key_spec()
             prefill_specs[site.value.cat] = config.value_spec()
+            mask = site.call.attn_mask
+            if isinstance(mask, Node):
+                if mask not in visibility_of_mask:
+                    with graph.inserting_after(mask):
+                        visibility_of_mask[mask] = graph.call_function(key_validity, (mask,))
+                prefill_visibility[site.key.cat] = visibility_of_mask[mask]
             records.append(_record(site, "prefill", True, None))
             continue
         readers = {
@@ -220,15 +230,20 @@ def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config:
         _rewrite_decode(graph, site, states)
         records.append(_record(site, "decode", True, None))
 
-    kept: list[object] = []
-    for value in graph_outputs(output):  # read after the rewrites, which may have replaced outputs
+    outputs = graph_outputs(output)  # read after the rewrites, which may have replaced outputs
+    kept = [value for value in outputs if value not in decode_cats]
+    visibility = list(dict.fromkeys(prefill_visibility.values()))  # extra outputs, after the originals
+    position = 0  # among the kept outputs
+    for value in outputs:
         if value in decode_cats:
             plan.outputs.append(OutputSlot("decode", arg_index[decode_cats[value]]))
-        else:
-            kind = "prefill" if value in prefill_specs else "graph"
-            plan.outputs.append(OutputSlot(kind, len(kept), prefill_specs.get(value)))
-            kept.append(value)
-    output.args = (tuple(kept),)
+            continue
+        visible = prefill_visibility.get(value)
+        visible_index = None if visible is None else len(kept) + visibility.index(visible)
+        kind = "prefill" if value in prefill_specs else "graph"
+        plan.outputs.append(OutputSlot(kind, position, prefill_specs.get(value), visible_index))
+        position += 1
+    output.args = (tuple(kept + visibility),)
     for cat, past in decode_cats.items():
         graph.erase_node(cat)
         for query in list(past.users):

@@ -65,7 +65,9 @@ def fake_quant(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> tor
     else:  # groups of `group` channels of one token
         g = xf.reshape(*x.shape[:3], x.shape[3] // group, group)
         lo, hi = g.min(dim=4, keepdim=True).values, g.max(dim=4, keepdim=True).values
-    step = (hi - lo) / (2**bits - 1)
+    # Scales and minima are stored in the cache dtype (the model's), and codes use the stored ones.
+    lo = lo.to(x.dtype).float()
+    step = ((hi - lo) / (2**bits - 1)).to(x.dtype).float()
     code = torch.where(step > 0, ((g - lo) / torch.where(step > 0, step, 1.0)).round().clamp(0, 2**bits - 1), 0.0)
     return (code * step + lo).reshape(x.shape).to(x.dtype)
 
