@@ -40,8 +40,9 @@ class KiviBackend:
         if result.unflattened_caches:
             # A KIVI cache input the pass could not rewrite: its tensor subclass dequantizes for
             # whatever the graph does with it, which only runs eagerly.
-            return result.graph_module.forward
-        compiled = self._compile(result.graph_module, result.example_inputs)
+            compiled = result.graph_module.forward
+        else:
+            compiled = self._compile(result.graph_module, result.example_inputs)
         if not result.plan.new_tokens and all(slot.kind == "graph" for slot in result.plan.outputs):
             return compiled
         return KiviGraphRuntime(compiled, result.plan)

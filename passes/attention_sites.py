@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from kivi_compile.cache import SUPPORTED_DTYPES, KiviCacheTensor
 from kivi_compile.passes.attention_patterns import AttentionCall, fake_value, find_attention
@@ -160,6 +161,18 @@ def _kv_append(node: Node, side: str, cache_outputs: set[Node], owned: set[Node]
     return KVAppend(cat=source, past=past, new=new, repeats=repeats, expansion=tuple(path[:-1]))
 
 
+def _cross_attention(call: AttentionCall, key: KVAppend) -> bool:
+    """New keys for other tokens than the queries (encoder states): cross-attention.
+
+    In self-attention the new keys are projections of the same tokens as the queries, so their
+    lengths are provably equal; Dynamo gives unrelated lengths different symbols. Queries and keys
+    handed to the graph directly carry no such relation, so they are taken as self-attention.
+    """
+    if call.query.op == "placeholder" or key.new.op == "placeholder":
+        return False
+    return not statically_known_true(fake_value(call.query).shape[-2] == fake_value(key.new).shape[-2])
+
+
 def match_site(call: AttentionCall, output: Node) -> SiteMatch | SiteMiss:
     """Match the KV-cache appends feeding one attention of a graph whose output node is ``output``."""
     cache_outputs = set(graph_outputs(output))
@@ -171,6 +184,9 @@ def match_site(call: AttentionCall, output: Node) -> SiteMatch | SiteMiss:
             return SiteMiss(call.anchor, call.pattern, found)
         sides[side] = found
     key, value = sides["keys"], sides["values"]
+    if _cross_attention(call, key):
+        reason = "keys come from inputs the query does not see (cross-attention); only self-attention caches are quantized"
+        return SiteMiss(call.anchor, call.pattern, reason)
     if key.is_decode != value.is_decode:
         reason = "keys and values come from caches of different kinds (KIVI vs dense)"
         return SiteMiss(call.anchor, call.pattern, reason)

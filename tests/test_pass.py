@@ -104,3 +104,63 @@ def test_group_size_that_does_not_divide_the_head_dim_is_a_clear_error():
     prompt = torch.randint(1, model.config.vocab_size, (1, 8))
     with pytest.raises(Exception, match="group_size=32 does not divide the head dim 48"):
         model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=2, pad_token_id=0)
+
+
+def _contract_view(history: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """The past as KIVI attention must see it before this step's append."""
+    r, g = CONFIG.residual_length, CONFIG.group_size
+    quantized = history.shape[2] // r * r if per_channel else max(history.shape[2] - r, 0)
+    bits = CONFIG.key_bits if per_channel else CONFIG.value_bits
+    return torch.cat([fake_quant(history[:, :, :quantized], bits, g, per_channel), history[:, :, quantized:]], dim=2)
+
+
+def sdpa_variant_step(q, k, v, past_k, past_v, mask, variant: str):
+    keys, values = torch.cat([past_k, k], dim=-2), torch.cat([past_v, v], dim=-2)
+    if variant == "enable_gqa":
+        out = F.scaled_dot_product_attention(q, keys, values, enable_gqa=True)
+    elif variant == "explicit_scale":
+        out = F.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), scale=0.3)
+    elif variant == "is_causal":  # SDPA's top-left alignment, kept exactly
+        out = F.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), is_causal=True)
+    else:  # "bool_mask" / "additive_mask"
+        out = F.scaled_dot_product_attention(q, keys.repeat_interleave(2, 1), values.repeat_interleave(2, 1), attn_mask=mask)
+    return out, keys, values
+
+
+@pytest.mark.parametrize("variant", ["enable_gqa", "explicit_scale", "is_causal", "bool_mask", "additive_mask"])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_sdpa_variants_follow_the_contract(variant, q_len):
+    batch, kv_heads, dim, prompt = 2, 2, 32, 40
+    step = torch.compile(sdpa_variant_step, backend=(backend := kivi_compile.backend(CONFIG)))
+
+    pads = torch.tensor([0, 5])  # left pads per row: hidden from every query, like HF's padding mask
+
+    def mask_for(total: int, rows: int = q_len, holes: bool = True) -> torch.Tensor | None:
+        visible = torch.rand(batch, 1, rows, total) > (0.2 if holes else 0.0)  # random holes in decode steps
+        visible &= (torch.arange(total) >= pads[:, None])[:, None, None, :]
+        visible[..., -1] = True  # every query sees at least one key
+        if variant == "bool_mask":
+            return visible
+        if variant == "additive_mask":
+            return torch.zeros(visible.shape).masked_fill(~visible, float("-inf")) + torch.randn(visible.shape) * 0.1
+        return None
+
+    keys, values = torch.randn(batch, kv_heads, prompt, dim), torch.randn(batch, kv_heads, prompt, dim)
+    empty = torch.empty(batch, kv_heads, 0, dim)
+    _, past_k, past_v = step(torch.randn(batch, 4, prompt, dim), keys, values, empty, empty, mask_for(prompt, prompt, holes=False), variant)
+    for _ in range(25):
+        q = torch.randn(batch, 4, q_len, dim)
+        k, v = torch.randn(batch, kv_heads, q_len, dim), torch.randn(batch, kv_heads, q_len, dim)
+        mask = mask_for(keys.shape[2] + q_len)
+        out, past_k, past_v = step(q, k, v, past_k, past_v, mask, variant)
+        seen_keys = keys.clone()
+        if variant in ("bool_mask", "additive_mask"):  # pads stay out of the key groups' ranges
+            for row, pad in enumerate(pads.tolist()):
+                seen_keys[row, :, :pad] = keys[row, :, pad : pad + 1]
+        expected, _, _ = sdpa_variant_step(
+            q, k, v, _contract_view(seen_keys, True), _contract_view(values, False), mask, variant
+        )
+        keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+        assert relative_error(out, expected) <= 1e-5
+    assert all(site.rewritten for result in backend.results for site in result.sites)
+    assert backend.graphs_compiled <= 3
