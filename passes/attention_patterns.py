@@ -51,6 +51,11 @@ def fake_value(node: object):
     return node.meta.get("example_value", node.meta.get("val"))
 
 
+def target_name(node: Node) -> str:
+    """A readable name for what a node calls (``tanh``, ``cat``, a placeholder's name)."""
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
 def _argument(node: Node, position: int, name: str, default: object = None) -> object:
     return node.args[position] if len(node.args) > position else node.kwargs.get(name, default)
 
@@ -125,7 +130,7 @@ def eager_call(node: Node, softmax: Node) -> AttentionCall | str:
         scale = float(factor) if scores.target is operator.mul else 1.0 / float(factor)
         scores = product
     if not (isinstance(scores, Node) and scores.target in _MATMULS and len(scores.args) == 2):
-        found = scores.target if isinstance(scores, Node) else scores
+        found = target_name(scores) if isinstance(scores, Node) else repr(scores)
         return f"scores go through {found} between q·kᵀ and the softmax (e.g. logit soft-capping), not supported"
     query, key_t = scores.args
     if not (isinstance(key_t, Node) and key_t.target in ("transpose", torch.transpose) and _swaps_last_two(key_t)):

@@ -21,7 +21,7 @@ from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from kivi_compile.cache import SUPPORTED_DTYPES, KiviCacheTensor
-from kivi_compile.passes.attention_patterns import AttentionCall, fake_value, find_attention
+from kivi_compile.passes.attention_patterns import AttentionCall, fake_value, find_attention, target_name
 
 
 def source_location(node: Node) -> str:
@@ -142,7 +142,7 @@ def _path(source: Node, attention_input: Node) -> list[Node]:
 def _kv_append(node: Node, side: str, cache_outputs: set[Node], owned: set[Node]) -> KVAppend | str:
     source, repeats = _strip_repeat_kv(node)
     if source.target is not torch.cat:
-        return f"{side} are not produced by a KV-cache torch.cat (found {source.target})"
+        return f"{side} are not produced by a KV-cache torch.cat (found {target_name(source)})"
     tensors = source.args[0]
     dim = source.args[1] if len(source.args) > 1 else source.kwargs.get("dim", 0)
     if not isinstance(tensors, (list, tuple)) or len(tensors) != 2:
@@ -152,7 +152,7 @@ def _kv_append(node: Node, side: str, cache_outputs: set[Node], owned: set[Node]
     if new_value is None or new_value.dim() != 4 or dim not in (2, -2):
         return f"{side} cat is not on the sequence axis of a [batch, heads, seq, head_dim] tensor"
     if source not in cache_outputs:
-        return f"{side} cat is not returned from the graph, so it is not a cache update"
+        return f"{side} cat is not returned from the graph (a sliding-window layer stores a slice of it), so it is not a cache update"
     if new_value.dtype not in SUPPORTED_DTYPES:
         return f"{side} dtype {new_value.dtype} is not float16/bfloat16/float32"
     path = _path(source, node)

@@ -42,7 +42,7 @@ FAMILIES: dict[str, tuple[str, dict]] = {
                                             num_kv_heads=2, new_decoder_architecture=True)),  # fmt: skip
     "llama (eager attention)": ("llama", dict(_DECODER, num_key_value_heads=2, attn_implementation="eager")),
     "gpt2 (eager attention)": ("gpt2", dict(n_embd=128, n_layer=2, n_head=4, attn_implementation="eager")),
-    "qwen2 (eager, bf16 upcast)": ("qwen2", dict(_DECODER, num_key_value_heads=2, attn_implementation="eager")),
+    "qwen2 (eager attention)": ("qwen2", dict(_DECODER, num_key_value_heads=2, attn_implementation="eager")),
     "gemma2 (logit soft-capping)": ("gemma2", dict(_DECODER, num_key_value_heads=2, head_dim=32,
                                                    attn_implementation="eager", sliding_window=4096)),  # fmt: skip
     "mistral (sliding window)": ("mistral", dict(_DECODER, num_key_value_heads=2, sliding_window=24)),
