@@ -1,0 +1,38 @@
+"""End to end on a CUDA GPU (skipped without one): Inductor-compiled tiny models in half
+precision follow the KIVI simulation, and the cache stays on the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kivi_helpers import relative_error, simulated_cache, tiny_model
+
+import kivi_compile
+from kivi_compile import KiviCacheTensor, KiviConfig
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_inductor_on_cuda_follows_the_simulation(family, dtype, bits):
+    config = KiviConfig(key_bits=bits, value_bits=bits, group_size=32, residual_length=32)
+    model = tiny_model(family, dtype=dtype).cuda()
+    prompt = torch.randint(1, model.config.vocab_size, (4, 45), device="cuda")
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=100, min_new_tokens=100, do_sample=False,
+                  pad_token_id=0, return_dict_in_generate=True, output_logits=True)  # fmt: skip
+    expected = model.generate(prompt, past_key_values=simulated_cache(model, config), **kwargs)
+    backend = kivi_compile.backend(config)
+    model.forward = torch.compile(model.forward, backend=backend)
+    out = model.generate(prompt, **kwargs)
+    steps = 10  # half-precision greedy paths may part on near-ties later
+    error = max(relative_error(a, e) for a, e in zip(out.logits[:steps], expected.logits[:steps]))
+    print(f"{family} {dtype} K{bits}V{bits}: max step error {error:.2e}, graphs {backend.graphs_compiled}")
+    assert error <= (2e-3 if dtype == torch.float16 else 1.5e-2)
+    assert backend.graphs_compiled <= 4
+    cache = out.past_key_values.layers[0].keys
+    assert isinstance(cache, KiviCacheTensor) and cache.codes.is_cuda
