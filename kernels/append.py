@@ -13,8 +13,10 @@ Already-quantized tokens are never touched again.
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
-from .cache_layout import QuantizedKV, read_lengths, ring_positions
+from .cache_layout import QuantizedKV, lengths_tensor, read_lengths, ring_positions
 from .quantize import quantize_pack_ref, tokens_per_code_row, tokens_per_scale_row
 
 
@@ -61,7 +63,7 @@ def append_ref(
         n_quant, n_residual, start = n_quant + flushed, n_residual - flushed, (start + flushed) % capacity
     rows = ring_positions(start + n_residual, n_new, capacity, new.device)
     kv.residual.index_copy_(-2, rows, new.to(kv.residual.dtype))
-    kv.lengths.copy_(torch.tensor([n_quant, n_residual + n_new, start], dtype=kv.lengths.dtype))
+    kv.lengths.copy_(lengths_tensor(n_quant, n_residual + n_new, start))
 
 
 def store_prefill_ref(
@@ -74,4 +76,211 @@ def store_prefill_ref(
     if n_quant:
         write_quantized_ref(kv, dense[..., :n_quant, :], 0, bits, group_size, per_channel)
     kv.residual[..., : seq_len - n_quant, :] = dense[..., n_quant:, :]
-    kv.lengths.copy_(torch.tensor([n_quant, seq_len - n_quant, 0], dtype=kv.lengths.dtype))
+    kv.lengths.copy_(lengths_tensor(n_quant, seq_len - n_quant, 0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton: one program per (batch row, KV head) flushes its slice and writes the new tokens.
+#
+# Lengths are read on the device (no host synchronisation). Every program reads them first and
+# then takes a ticket (``lengths[TICKET]``); the program that draws the last ticket knows all
+# others have read them and writes the new lengths, then resets the ticket to 0.
+# Within a program the flush reads ring rows before the new tokens may overwrite them
+# (``debug_barrier``), which matters when the ring is full.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def round_half_even(x):
+    """``torch.round`` for x >= -0.5: nearest integer, ties to even."""
+    rounded = tl.floor(x + 0.5)
+    is_tie = (rounded - x) == 0.5
+    is_odd = (rounded - 2.0 * tl.floor(rounded * 0.5)) != 0.0
+    return tl.where(is_tie & is_odd, rounded - 1.0, rounded)
+
+
+@triton.jit
+def round_to_dtype(x, dtype: tl.constexpr):
+    """Float32 ``x`` rounded to ``dtype`` (to nearest, ties to even), returned as float32.
+
+    bfloat16 is rounded with integer ops: Triton's interpreter truncates float32 -> bfloat16 casts,
+    and the stored scales must equal the reference's bit for bit on CPU too.
+    """
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    else:
+        return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def quantize_groups(x, AXIS: tl.constexpr, BITS: tl.constexpr, scale_dtype: tl.constexpr):
+    """Codes (int32, same shape as ``x``), scale and min (``scale_dtype``) of groups along ``AXIS``.
+
+    Mirrors ``quantize_ref`` operation by operation (IEEE division, stored-dtype rounding of the
+    min and scale before the codes are computed) so that codes match it exactly.
+    """
+    levels: tl.constexpr = 2**BITS - 1
+    group_min = round_to_dtype(tl.min(x, axis=AXIS), scale_dtype)
+    group_max = tl.max(x, axis=AXIS)
+    scale = round_to_dtype(tl.math.div_rn(group_max - group_min, float(levels)), scale_dtype)
+    min_f = tl.expand_dims(group_min, AXIS)
+    scale_f = tl.expand_dims(scale, AXIS)
+    safe_scale = tl.where(scale_f > 0, scale_f, 1.0)
+    codes = round_half_even(tl.math.div_rn(x - min_f, safe_scale))
+    codes = tl.minimum(tl.maximum(codes, 0.0), float(levels))
+    codes = tl.where(scale_f > 0, codes, 0.0)
+    return codes.to(tl.int32), scale.to(scale_dtype), group_min.to(scale_dtype)
+
+
+@triton.jit
+def pack_lanes(codes, BITS: tl.constexpr):
+    """Pack ``codes [..., P]`` (lane axis last, P = 8 // BITS) into bytes, lane 0 lowest."""
+    lanes: tl.constexpr = 8 // BITS
+    shifts = tl.arange(0, lanes) * BITS
+    return tl.sum(codes << shifts, axis=len(codes.shape) - 1).to(tl.uint8)
+
+
+@triton.jit
+def _flush_keys(
+    residual_ptr, codes_ptr, scales_ptr, mins_ptr,
+    stride_rt, stride_rd, stride_ct, stride_cd, stride_st, stride_sd,
+    n_quant, start, capacity, n_flush,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Quantize ``n_flush`` (a multiple of G) ring tokens per channel, G tokens per group."""
+    lanes: tl.constexpr = 8 // BITS
+    tl.static_assert(GROUP % lanes == 0)
+    tokens = tl.arange(0, GROUP)
+    channels = tl.arange(0, HEAD_DIM)
+    byte_rows = tl.arange(0, GROUP // lanes)
+    for group in range(0, n_flush // GROUP):
+        rows = (start + group * GROUP + tokens) % capacity
+        x = tl.load(residual_ptr + rows[:, None] * stride_rt + channels[None, :] * stride_rd).to(tl.float32)
+        codes, scale, group_min = quantize_groups(x, 0, BITS, scales_ptr.dtype.element_ty)
+        by_lane = tl.permute(tl.reshape(codes, (GROUP // lanes, lanes, HEAD_DIM)), (0, 2, 1))
+        code_row = (n_quant + group * GROUP) // lanes
+        tl.store(codes_ptr + (code_row + byte_rows)[:, None] * stride_ct + channels[None, :] * stride_cd,
+                 pack_lanes(by_lane, BITS))  # fmt: skip
+        scale_row = (n_quant + group * GROUP) // GROUP
+        tl.store(scales_ptr + scale_row * stride_st + channels * stride_sd, scale)
+        tl.store(mins_ptr + scale_row * stride_st + channels * stride_sd, group_min)
+
+
+@triton.jit
+def _flush_values(
+    residual_ptr, codes_ptr, scales_ptr, mins_ptr,
+    stride_rt, stride_rd, stride_ct, stride_cd, stride_st, stride_sd,
+    n_quant, start, capacity, n_flush,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Quantize ``n_flush`` ring tokens per token, G channels per group."""
+    lanes: tl.constexpr = 8 // BITS
+    n_groups: tl.constexpr = HEAD_DIM // GROUP
+    tl.static_assert(HEAD_DIM % GROUP == 0)
+    group_ids = tl.arange(0, n_groups)
+    in_group = tl.arange(0, GROUP)
+    channels = group_ids[:, None] * GROUP + in_group[None, :]
+    byte_cols = tl.arange(0, HEAD_DIM // lanes)
+    for first in range(0, n_flush, BLOCK_T):
+        tokens = first + tl.arange(0, BLOCK_T)
+        valid = tokens < n_flush
+        rows = (start + tokens) % capacity
+        x = tl.load(
+            residual_ptr + rows[:, None, None] * stride_rt + channels[None, :, :] * stride_rd,
+            mask=valid[:, None, None],
+            other=0.0,
+        ).to(tl.float32)
+        codes, scale, group_min = quantize_groups(x, 2, BITS, scales_ptr.dtype.element_ty)
+        packed = pack_lanes(tl.reshape(codes, (BLOCK_T, HEAD_DIM // lanes, lanes)), BITS)
+        out_rows = n_quant + tokens
+        tl.store(codes_ptr + out_rows[:, None] * stride_ct + byte_cols[None, :] * stride_cd, packed,
+                 mask=valid[:, None])  # fmt: skip
+        scale_offsets = out_rows[:, None] * stride_st + group_ids[None, :] * stride_sd
+        tl.store(scales_ptr + scale_offsets, scale, mask=valid[:, None])
+        tl.store(mins_ptr + scale_offsets, group_min, mask=valid[:, None])
+
+
+@triton.jit
+def _append_kernel(
+    new_ptr, residual_ptr, codes_ptr, scales_ptr, mins_ptr, lengths_ptr,
+    stride_nb, stride_nh, stride_nt, stride_nd,
+    stride_rb, stride_rh, stride_rt, stride_rd,
+    stride_cb, stride_ch, stride_ct, stride_cd,
+    stride_sb, stride_sh, stride_st, stride_sd,
+    heads, capacity, n_new,
+    BITS: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    batch, head = pid // heads, pid % heads
+    n_quant = tl.load(lengths_ptr + 0)
+    n_residual = tl.load(lengths_ptr + 1)
+    start = tl.load(lengths_ptr + 2)
+    ticket = tl.atomic_add(lengths_ptr + 3, 1, sem="acq_rel")
+
+    residual_ptr += batch * stride_rb + head * stride_rh
+    codes_ptr += batch * stride_cb + head * stride_ch
+    scales_ptr += batch * stride_sb + head * stride_sh
+    mins_ptr += batch * stride_sb + head * stride_sh
+    if PER_CHANNEL:
+        n_flush = (n_residual // RESIDUAL) * RESIDUAL
+        _flush_keys(residual_ptr, codes_ptr, scales_ptr, mins_ptr,
+                    stride_rt, stride_rd, stride_ct, stride_cd, stride_st, stride_sd,
+                    n_quant, start, capacity, n_flush, BITS, GROUP, HEAD_DIM)  # fmt: skip
+    else:
+        n_flush = tl.maximum(n_residual - RESIDUAL, 0)
+        _flush_values(residual_ptr, codes_ptr, scales_ptr, mins_ptr,
+                      stride_rt, stride_rd, stride_ct, stride_cd, stride_st, stride_sd,
+                      n_quant, start, capacity, n_flush, BITS, GROUP, HEAD_DIM, BLOCK_T)  # fmt: skip
+    tl.debug_barrier()
+
+    channels = tl.arange(0, HEAD_DIM)
+    new_ptr += batch * stride_nb + head * stride_nh
+    for first in range(0, n_new, BLOCK_T):
+        tokens = first + tl.arange(0, BLOCK_T)
+        valid = tokens < n_new
+        x = tl.load(new_ptr + tokens[:, None] * stride_nt + channels[None, :] * stride_nd, mask=valid[:, None])
+        rows = (start + n_residual + tokens) % capacity
+        tl.store(residual_ptr + rows[:, None] * stride_rt + channels[None, :] * stride_rd,
+                 x.to(residual_ptr.dtype.element_ty), mask=valid[:, None])  # fmt: skip
+
+    if ticket == tl.num_programs(0) - 1:
+        tl.store(lengths_ptr + 0, n_quant + n_flush)
+        tl.store(lengths_ptr + 1, n_residual - n_flush + n_new)
+        tl.store(lengths_ptr + 2, (start + n_flush) % capacity)
+        tl.store(lengths_ptr + 3, 0)
+
+
+def triton_append_unsupported(kv: QuantizedKV, new: torch.Tensor, group_size: int) -> str | None:
+    """Why the Triton append cannot take these inputs (None when it can)."""
+    head_dim = new.shape[-1]
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if group_size & (group_size - 1):
+        return f"group_size={group_size} is not a power of two"
+    if kv.scales.stride() != kv.mins.stride():
+        return "scales and mins have different strides"
+    return None
+
+
+def append_triton(
+    kv: QuantizedKV, new: torch.Tensor, bits: int, group_size: int, residual_length: int, per_channel: bool
+) -> None:
+    """Triton :func:`append_ref`: same flush and append, lengths updated on the device.
+
+    The caller reserves capacity first (``KiviCacheTensor.appended`` does): checking it here
+    would need the lengths on the host, a synchronisation per layer and step.
+    """
+    reason = triton_append_unsupported(kv, new, group_size)
+    if reason is not None:
+        raise ValueError(f"Triton KIVI append: {reason}")
+    batch, heads, n_new, head_dim = new.shape
+    _append_kernel[(batch * heads,)](
+        new, kv.residual, kv.codes, kv.scales, kv.mins, kv.lengths,
+        *new.stride(), *kv.residual.stride(), *kv.codes.stride(), *kv.scales.stride(),
+        heads, kv.residual.shape[-2], n_new,
+        BITS=bits, GROUP=group_size, RESIDUAL=residual_length, PER_CHANNEL=per_channel,
+        HEAD_DIM=head_dim, BLOCK_T=16,
+    )  # fmt: skip

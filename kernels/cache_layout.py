@@ -6,7 +6,9 @@
 - ``scales``   per-group scales (scale dtype = model dtype).
 - ``mins``     per-group minima (the asymmetric zero point).
 - ``residual`` ``[B, H, capacity, D]`` full-precision ring buffer of the most recent tokens.
-- ``lengths``  int64 ``[3]`` on the cache's device: ``(n_quant, n_residual, residual_start)``.
+- ``lengths``  int64 ``[4]`` on the cache's device: ``(n_quant, n_residual, residual_start, ticket)``;
+  ``ticket`` is scratch for the Triton append (its programs count themselves out so the last one
+  can update the lengths) and is 0 between ops.
 
 Logical token order is ``quantized[0:n_quant] ++ residual ring[start : start + n_residual]``.
 Lengths live on the device so kernels read them without a host synchronisation.
@@ -20,7 +22,7 @@ import torch
 
 from .quantize import dequantize_packed_ref, tokens_per_code_row, tokens_per_scale_row
 
-N_QUANT, N_RESIDUAL, RESIDUAL_START = 0, 1, 2
+N_QUANT, N_RESIDUAL, RESIDUAL_START, TICKET = 0, 1, 2, 3
 
 
 class QuantizedKV(NamedTuple):
@@ -32,8 +34,12 @@ class QuantizedKV(NamedTuple):
 
 
 def read_lengths(kv: QuantizedKV) -> tuple[int, int, int]:
-    n_quant, n_residual, start = kv.lengths.tolist()
+    n_quant, n_residual, start = kv.lengths[:TICKET].tolist()
     return n_quant, n_residual, start
+
+
+def lengths_tensor(n_quant: int, n_residual: int, start: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.tensor([n_quant, n_residual, start, 0], dtype=torch.int64, device=device)
 
 
 def ring_positions(start: int, count: int, capacity: int, device: torch.device) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Attention of new queries over a KIVI cache, in plain PyTorch (the ground truth).
+"""Attention of new queries over a KIVI cache: the PyTorch reference and the fused Triton kernel.
 
 ``q [B, Hq, n, D]`` attends over the logical keys/values ``dequant(quantized) ++ residual``
 (``[B, Hkv, T, D]``), with ``Hq = g * Hkv``: query head ``h`` reads KV head ``h // g`` (the
@@ -6,15 +6,28 @@
 ``attn_mask`` follows ``F.scaled_dot_product_attention``: boolean (True = attend) or additive,
 broadcastable to ``[B, Hq, n, T]``; ``is_causal`` uses SDPA's top-left alignment. Scores, softmax
 and the value product run in float32; the output has the query's dtype.
+
+The Triton kernel is flash-decoding over the packed cache: grid ``(B * Hkv, S + 1)``. Program
+``(b * Hkv + h, s)`` holds the ``g * n`` query rows of KV head ``h`` (so each KV head is read once
+for its whole query group, GQA and MQA included) and runs an online softmax over a chunk of
+tokens, dequantizing codes in registers: splits ``s < S`` share the tokens where both keys and
+values are quantized, split ``S`` takes the rest (tokens quantized on one side only, and the
+full-precision residual ring). A second kernel combines the ``S + 1`` partial results. Lengths
+are read on the device; ``S`` is chosen from the buffers' capacity so nothing waits for the host.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
+import triton
+import triton.language as tl
 
 from .cache_layout import QuantizedKV, dequantize_cache_ref
+from .quantize import codes_per_byte
 
 
 def attention_over_dense_ref(
@@ -55,8 +68,348 @@ def decode_attention_ref(
     key_bits: int,
     value_bits: int,
     group_size: int,
+    key_per_channel: bool = True,
 ) -> torch.Tensor:
-    """``softmax(scale * q Kᵀ + mask) V`` over the dequantized cache ++ residual."""
-    keys = dequantize_cache_ref(key, key_bits, group_size, per_channel=True)
+    """``softmax(scale * q Kᵀ + mask) V`` over the dequantized cache ++ residual.
+
+    Keys are grouped per channel (KIVI) unless ``key_per_channel`` is False (the paper's ablation).
+    """
+    keys = dequantize_cache_ref(key, key_bits, group_size, per_channel=key_per_channel)
     values = dequantize_cache_ref(value, value_bits, group_size, per_channel=False)
     return attention_over_dense_ref(q, keys, values, attn_mask, scale, is_causal)
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton
+#
+# Packed codes are unpacked without per-element byte gathers by visiting tokens and channels in
+# lane-major order: token column i of a block is token ``(i % R) * P + i // R`` (R = BLOCK_N / P
+# byte rows of keys); value columns run group by group, and inside a group of G channels lane by
+# lane (``_value_channels``). Consecutive columns then read consecutive bytes (vector loads) and
+# runs of columns share a scale; attention does not care in which order it sees tokens, and the
+# value channels are put back in order when the result is stored. Codes are dequantized with one
+# fused multiply-add in the cache dtype, the operand type of the tensor-core dots.
+# ---------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+MAX_QUERY_ROWS = 64  # g * n rows of one KV head held by a program; more falls back to the reference
+GRANULE = 256  # tokens; the quantized tokens are split between programs in whole granules
+MIN_GRANULES_PER_SPLIT = 2  # shorter splits cost more in the combine than they save
+
+
+def _configs() -> list[triton.Config]:
+    """A few tile shapes: the best depends on bits and head dim; one on the CPU interpreter."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=2) for n, w in ((64, 4), (64, 8), (128, 8), (256, 8))]
+
+
+@triton.jit
+def _lane_major_tokens(BLOCK_N: tl.constexpr, BITS: tl.constexpr):
+    lanes: tl.constexpr = 8 // BITS
+    rows: tl.constexpr = BLOCK_N // lanes
+    columns = tl.arange(0, BLOCK_N)
+    return (columns % rows) * lanes + columns // rows
+
+
+@triton.jit
+def _value_channels(HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """Channel of each value column: groups in order, lane-major inside a group."""
+    lanes: tl.constexpr = 8 // BITS
+    bytes_per_group: tl.constexpr = GROUP_SIZE // lanes
+    columns = tl.arange(0, HEAD_DIM)
+    in_group = columns % GROUP_SIZE
+    byte = (columns // GROUP_SIZE) * bytes_per_group + in_group % bytes_per_group
+    return byte * lanes + in_group // bytes_per_group
+
+
+@triton.jit
+def _dequantize_keys(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
+                     tokens, channels, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
+    """Per-channel keys ``[tokens, D]`` in the cache dtype: byte ``t // P`` holds token ``t`` at lane ``t % P``."""
+    lanes: tl.constexpr = 8 // BITS
+    offsets = (tokens // lanes)[:, None] * stride_ct + channels[None, :] * stride_cd
+    packed = tl.load(codes_ptr + offsets, mask=valid[:, None], other=0).to(tl.int32)
+    codes = (packed >> ((tokens % lanes) * BITS)[:, None]) & (2**BITS - 1)
+    group_offsets = (tokens // GROUP_SIZE)[:, None] * stride_st + channels[None, :] * stride_sd
+    scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
+    group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
+    return tl.fma(codes.to(scale.dtype), scale, group_min)  # one rounding, as float32 then a cast
+
+
+@triton.jit
+def _dequantize_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
+                       tokens, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Per-token values ``[tokens, D]`` in the cache dtype, channels in ``_value_channels`` order."""
+    lanes: tl.constexpr = 8 // BITS
+    bytes_per_group: tl.constexpr = GROUP_SIZE // lanes
+    columns = tl.arange(0, HEAD_DIM)
+    in_group = columns % GROUP_SIZE
+    byte = (columns // GROUP_SIZE) * bytes_per_group + in_group % bytes_per_group
+    offsets = tokens[:, None] * stride_ct + byte[None, :] * stride_cd
+    packed = tl.load(codes_ptr + offsets, mask=valid[:, None], other=0).to(tl.int32)
+    codes = (packed >> ((in_group // bytes_per_group) * BITS)[None, :]) & (2**BITS - 1)
+    group_offsets = tokens[:, None] * stride_st + (columns // GROUP_SIZE)[None, :] * stride_sd
+    scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
+    group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
+    return tl.fma(codes.to(scale.dtype), scale, group_min)
+
+
+@triton.jit
+def _ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, channels, valid):
+    """Residual tokens ``[tokens, D]`` (logical positions ``tokens``) from the ring buffer."""
+    rows = (start + tokens - first_residual) % capacity
+    offsets = rows[:, None] * stride_t + channels[None, :] * stride_d
+    return tl.load(residual_ptr + offsets, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
+            mask_ptrs, stride_mt, row_valid, q_pos,
+            MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
+    """One online-softmax step over a block of keys/values (rows of ``q`` x tokens)."""
+    scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
+    if MASK_KIND == 1:  # boolean, True = attend
+        keep = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=row_valid[:, None] & valid[None, :], other=0)
+        scores = tl.where(keep != 0, scores, float("-inf"))
+    if MASK_KIND == 2:  # additive
+        bias = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=row_valid[:, None] & valid[None, :], other=0.0)
+        scores += bias.to(tl.float32) * 1.4426950408889634
+    if IS_CAUSAL:  # SDPA's top-left alignment
+        scores = tl.where(tokens[None, :] <= q_pos[:, None], scores, float("-inf"))
+    scores = tl.where(valid[None, :], scores, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)  # rows that see nothing yet
+    probs = tl.exp2(scores - safe_max[:, None])
+    rescale = tl.exp2(row_max - safe_max)
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    acc = acc * rescale[:, None] + tl.dot(probs.to(q.dtype), values, input_precision=DOT_PRECISION)
+    return acc, new_max, row_sum
+
+
+@triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "Q_LEN", "K_BITS", "V_BITS", "GROUP_SIZE"])
+@triton.jit
+def _decode_attention_kernel(
+    q_ptr, stride_qb, stride_qh, stride_qn, stride_qd,
+    kc_ptr, stride_kcb, stride_kch, stride_kct, stride_kcd,
+    ks_ptr, km_ptr, stride_ksb, stride_ksh, stride_kst, stride_ksd,
+    kr_ptr, stride_krb, stride_krh, stride_krt, stride_krd,
+    k_lengths_ptr,
+    vc_ptr, stride_vcb, stride_vch, stride_vct, stride_vcd,
+    vs_ptr, vm_ptr, stride_vsb, stride_vsh, stride_vst, stride_vsd,
+    vr_ptr, stride_vrb, stride_vrh, stride_vrt, stride_vrd,
+    v_lengths_ptr,
+    mask_ptr, stride_mb, stride_mh, stride_mn, stride_mt,
+    acc_ptr, max_ptr, sum_ptr,
+    qk_scale, kv_heads, k_capacity, v_capacity, num_splits, granules_per_split,
+    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, GRANULE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    tl.static_assert(BLOCK_M >= GROUP * Q_LEN)
+    tl.static_assert(GRANULE % BLOCK_N == 0)
+    tl.static_assert(GROUP_SIZE % (8 // V_BITS) == 0)
+    pid, split = tl.program_id(0), tl.program_id(1)
+    batch, kv_head = pid // kv_heads, pid % kv_heads
+
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * Q_LEN
+    heads = kv_head * GROUP + rows // Q_LEN
+    q_pos = rows % Q_LEN
+    channels = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + batch * stride_qb + heads[:, None] * stride_qh + q_pos[:, None] * stride_qn
+                + channels[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)  # fmt: skip
+    mask_ptrs = mask_ptr + batch * stride_mb + heads[:, None] * stride_mh + q_pos[:, None] * stride_mn
+
+    kc_ptr += batch * stride_kcb + kv_head * stride_kch
+    ks_ptr += batch * stride_ksb + kv_head * stride_ksh
+    km_ptr += batch * stride_ksb + kv_head * stride_ksh
+    kr_ptr += batch * stride_krb + kv_head * stride_krh
+    vc_ptr += batch * stride_vcb + kv_head * stride_vch
+    vs_ptr += batch * stride_vsb + kv_head * stride_vsh
+    vm_ptr += batch * stride_vsb + kv_head * stride_vsh
+    vr_ptr += batch * stride_vrb + kv_head * stride_vrh
+    k_quantized, k_start = tl.load(k_lengths_ptr + 0), tl.load(k_lengths_ptr + 2)
+    v_quantized, v_start = tl.load(v_lengths_ptr + 0), tl.load(v_lengths_ptr + 2)
+    seq_len = k_quantized + tl.load(k_lengths_ptr + 1)
+    both_quantized_end = (tl.minimum(k_quantized, v_quantized) // GRANULE) * GRANULE
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    in_block = _lane_major_tokens(BLOCK_N, K_BITS)
+    value_channels = _value_channels(HEAD_DIM, V_BITS, GROUP_SIZE)
+    if split < num_splits:  # a chunk of the tokens quantized on both sides
+        first = split * granules_per_split * GRANULE
+        last = tl.minimum(first + granules_per_split * GRANULE, both_quantized_end)
+        all_valid = tl.full([BLOCK_N], 1, tl.int1)
+        for block_start in range(first, last, BLOCK_N):
+            tokens = block_start + in_block
+            keys = _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                    tokens, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
+            values = _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                        tokens, all_valid, V_BITS, GROUP_SIZE, HEAD_DIM)  # fmt: skip
+            acc, row_max, row_sum = _attend(q, keys, values, tokens, all_valid, acc, row_max, row_sum, qk_scale,
+                                            mask_ptrs, stride_mt, row_valid, q_pos,
+                                            MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+    else:  # the tail: quantized on one side only, then the residual rings
+        for block_start in range(both_quantized_end, seq_len, BLOCK_N):
+            tokens = block_start + in_block
+            valid = tokens < seq_len
+            k_is_quantized = tokens < k_quantized
+            keys = tl.where(
+                k_is_quantized[:, None],
+                _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                 tokens, channels, valid & k_is_quantized, K_BITS, GROUP_SIZE),
+                _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels,
+                           valid & ~k_is_quantized),
+            )  # fmt: skip
+            v_is_quantized = tokens < v_quantized
+            values = tl.where(
+                v_is_quantized[:, None],
+                _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                   tokens, valid & v_is_quantized, V_BITS, GROUP_SIZE, HEAD_DIM),
+                _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                           value_channels, valid & ~v_is_quantized),
+            )  # fmt: skip
+            acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
+                                            mask_ptrs, stride_mt, row_valid, q_pos,
+                                            MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+
+    partial = pid * (num_splits + 1) + split
+    tl.store(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + value_channels[None, :], acc)
+    tl.store(max_ptr + partial * BLOCK_M + rows, row_max)
+    tl.store(sum_ptr + partial * BLOCK_M + rows, row_sum)
+
+
+@triton.jit
+def _combine_splits_kernel(
+    acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_on, stride_od, kv_heads, num_partials,
+    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    """``out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s`` over one KV head's partials."""
+    pid = tl.program_id(0)
+    batch, kv_head = pid // kv_heads, pid % kv_heads
+    rows = tl.arange(0, BLOCK_M)
+    channels = tl.arange(0, HEAD_DIM)
+    first = pid * num_partials
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for split in range(num_partials):
+        row_max = tl.maximum(row_max, tl.load(max_ptr + (first + split) * BLOCK_M + rows))
+    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    for split in range(num_partials):
+        partial = first + split
+        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows) - safe_max)
+        total += weight * tl.load(sum_ptr + partial * BLOCK_M + rows)
+        out += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :])
+    out = out / tl.where(total > 0, total, 1.0)[:, None]  # 0 only in padding rows, never stored
+    heads = kv_head * GROUP + rows // Q_LEN
+    offsets = batch * stride_ob + heads * stride_oh + (rows % Q_LEN) * stride_on
+    row_valid = rows < GROUP * Q_LEN
+    tl.store(out_ptr + offsets[:, None] + channels[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None])  # fmt: skip
+
+
+def triton_decode_unsupported(
+    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, group_size: int, key_per_channel: bool
+) -> str | None:
+    """Why the Triton kernel cannot take these inputs (None when it can); the op then runs the reference."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = key.residual.shape[1]
+    if not key_per_channel:
+        return "keys grouped per token (the ablation) have no Triton kernel"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"query dtype {q.dtype} is not float16, bfloat16 or float32"
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if group_size & (group_size - 1):
+        return f"group_size={group_size} is not a power of two"
+    if q_heads % kv_heads:
+        return f"{q_heads} query heads do not split evenly over {kv_heads} KV heads"
+    if q_len * (q_heads // kv_heads) > MAX_QUERY_ROWS:
+        return f"q_len * query heads per KV head = {q_len * (q_heads // kv_heads)} exceeds {MAX_QUERY_ROWS}"
+    for kv in (key, value):
+        if kv.residual.dtype != q.dtype or kv.scales.stride() != kv.mins.stride():
+            return "cache dtype differs from the query's, or its scales and mins differ in layout"
+    return None
+
+
+@functools.lru_cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _num_splits(programs: int, granules: int, device: torch.device) -> int:
+    """Enough splits of the quantized tokens for two programs per multiprocessor."""
+    wanted = -(-2 * _multiprocessors(device) // programs)
+    return max(1, min(wanted, granules // MIN_GRANULES_PER_SPLIT))
+
+
+def decode_attention_triton(
+    q: torch.Tensor,
+    key: QuantizedKV,
+    value: QuantizedKV,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    is_causal: bool,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Fused Triton :func:`decode_attention_ref` (keys per channel).
+
+    Args:
+        q: ``[B, Hq, n, D]`` float16/bfloat16/float32, ``n * Hq / Hkv <= 64``, D a power of two.
+        key, value: the cache's buffers (``[B, Hkv, ...]``); lengths are read on the device.
+        attn_mask: bool or additive, broadcastable to ``[B, Hq, n, T]`` with T the cache length.
+        out: optional ``[B, Hq, n, D]`` tensor to write into.
+    Returns:
+        ``[B, Hq, n, D]`` in ``q``'s dtype.
+    """
+    reason = triton_decode_unsupported(q, key, value, group_size, key_per_channel=True)
+    if reason is not None:
+        raise ValueError(f"Triton KIVI decode attention: {reason}")
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = key.residual.shape[1]
+    group = q_heads // kv_heads
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    quantized_capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits), value.codes.shape[-2])
+    granules = quantized_capacity // GRANULE
+    num_splits = _num_splits(batch * kv_heads, granules, q.device)
+    granules_per_split = max(1, -(-granules // num_splits))
+
+    if attn_mask is None:
+        mask_kind, mask, mask_strides = 0, q, (0, 0, 0, 0)
+    else:
+        mask = attn_mask.expand(batch, q_heads, q_len, attn_mask.shape[-1])
+        mask_kind = 1 if mask.dtype == torch.bool else 2
+        mask = mask.view(torch.uint8) if mask_kind == 1 else mask
+        mask_strides = mask.stride()
+    partials = batch * kv_heads * (num_splits + 1) * block_m
+    acc = torch.empty(partials, head_dim, dtype=torch.float32, device=q.device)
+    row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
+    row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
+    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
+    _decode_attention_kernel[(batch * kv_heads, num_splits + 1)](
+        q, *q.stride(),
+        key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
+        key.residual, *key.residual.stride(), key.lengths,
+        value.codes, *value.codes.stride(), value.scales, value.mins, *value.scales.stride(),
+        value.residual, *value.residual.stride(), value.lengths,
+        mask, *mask_strides,
+        acc, row_max, row_sum,
+        qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, granules_per_split,
+        Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        K_BITS=key_bits, V_BITS=value_bits, GROUP_SIZE=group_size, MASK_KIND=mask_kind,
+        IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GRANULE=GRANULE,
+    )  # fmt: skip
+    out = torch.empty_like(q) if out is None else out
+    _combine_splits_kernel[(batch * kv_heads,)](
+        acc, row_max, row_sum, out, *out.stride(), kv_heads, num_splits + 1,
+        Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
+    )  # fmt: skip
+    return out

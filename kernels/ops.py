@@ -7,17 +7,31 @@
 
 Cache tensors are passed as the five fields of ``QuantizedKV`` (see ``cache_layout.py``). Every op
 has a fake implementation so Dynamo, AOTAutograd and Inductor can trace around it. The default
-kernel is the PyTorch reference; device-specific kernels register over it.
+kernel is the PyTorch reference; on CUDA, ``append_`` and ``decode_attention`` run the Triton
+kernels, and fall back to the reference (one warning per reason) for inputs those do not take.
+The prompt is quantized once per layer by the reference on every device.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import Tensor
 
-from .append import append_ref, store_prefill_ref
+from .append import append_ref, append_triton, store_prefill_ref, triton_append_unsupported
 from .cache_layout import QuantizedKV, dequantize_cache_ref
-from .decode_attention import decode_attention_ref
+from .decode_attention import decode_attention_ref, decode_attention_triton, triton_decode_unsupported
+
+logger = logging.getLogger("kivi_compile.kernels")
+_reported_fallbacks: set[str] = set()
+
+
+def _report_fallback(op: str, reason: str) -> None:
+    message = f"kivi::{op} runs the PyTorch reference on CUDA: {reason}"
+    if message not in _reported_fallbacks:
+        _reported_fallbacks.add(message)
+        logger.warning(message)
 
 _CACHE_FIELDS = ("codes", "scales", "mins", "residual", "lengths")
 
@@ -66,6 +80,17 @@ def _(codes, scales, mins, residual, lengths, new, bits, group_size, residual_le
     return None
 
 
+@append_.register_kernel("cuda")
+def _(codes, scales, mins, residual, lengths, new, bits, group_size, residual_length, per_channel) -> None:
+    kv = QuantizedKV(codes, scales, mins, residual, lengths)
+    reason = triton_append_unsupported(kv, new, group_size)
+    if reason is None:
+        append_triton(kv, new, bits, group_size, residual_length, per_channel)
+    else:
+        _report_fallback("append_", reason)
+        append_ref(kv, new, bits, group_size, residual_length, per_channel)
+
+
 @torch.library.custom_op("kivi::decode_attention", mutates_args=())
 def decode_attention(
     q: Tensor,
@@ -85,16 +110,33 @@ def decode_attention(
     key_bits: int,
     value_bits: int,
     group_size: int,
+    key_per_channel: bool,
 ) -> Tensor:
     key = QuantizedKV(k_codes, k_scales, k_mins, k_residual, k_lengths)
     value = QuantizedKV(v_codes, v_scales, v_mins, v_residual, v_lengths)
-    return decode_attention_ref(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size)
+    return decode_attention_ref(
+        q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size, key_per_channel
+    )
 
 
 @decode_attention.register_fake
 def _(q, k_codes, k_scales, k_mins, k_residual, k_lengths, v_codes, v_scales, v_mins, v_residual, v_lengths,
-      attn_mask, scale, is_causal, key_bits, value_bits, group_size) -> Tensor:  # fmt: skip
+      attn_mask, scale, is_causal, key_bits, value_bits, group_size, key_per_channel) -> Tensor:  # fmt: skip
     return q.new_empty((*q.shape[:-1], v_residual.shape[-1]))
+
+
+@decode_attention.register_kernel("cuda")
+def _(q, k_codes, k_scales, k_mins, k_residual, k_lengths, v_codes, v_scales, v_mins, v_residual, v_lengths,
+      attn_mask, scale, is_causal, key_bits, value_bits, group_size, key_per_channel) -> Tensor:  # fmt: skip
+    key = QuantizedKV(k_codes, k_scales, k_mins, k_residual, k_lengths)
+    value = QuantizedKV(v_codes, v_scales, v_mins, v_residual, v_lengths)
+    reason = triton_decode_unsupported(q, key, value, group_size, key_per_channel)
+    if reason is None:
+        return decode_attention_triton(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size)
+    _report_fallback("decode_attention", reason)
+    return decode_attention_ref(
+        q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size, key_per_channel
+    )
 
 
 @torch.library.custom_op("kivi::dequantize", mutates_args=())

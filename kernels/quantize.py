@@ -55,7 +55,10 @@ def quantize_ref(
     reduce_dim = axis  # after unflatten, the within-group index sits at `axis`
     mn = groups.amin(reduce_dim, keepdim=True).to(scale_dtype)
     mx = groups.amax(reduce_dim, keepdim=True)
-    scale = ((mx - mn.float()) / (2**bits - 1)).to(scale_dtype)
+    # A tensor divisor: CUDA turns division by a Python scalar into a multiplication by its
+    # reciprocal, which rounds differently from the division the contract (and the CPU) does.
+    levels = torch.full((), 2**bits - 1, dtype=torch.float32, device=x.device)
+    scale = ((mx - mn.float()) / levels).to(scale_dtype)
     mn_f, scale_f = mn.float(), scale.float()
     safe_scale = torch.where(scale_f > 0, scale_f, torch.ones_like(scale_f))
     codes = torch.round((groups - mn_f) / safe_scale).clamp_(0, 2**bits - 1)

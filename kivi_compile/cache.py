@@ -3,7 +3,7 @@
 It is a traceable wrapper subclass (``__tensor_flatten__``/``__tensor_unflatten__``): its logical
 shape and dtype are the model's, so ``DynamicLayer`` stores it where the dense cache went and
 ``get_seq_length()`` stays right, while it holds only packed codes, scales/minima, the
-full-precision residual and three lengths. Dynamo passes it to the next step's graph as a
+full-precision residual and its lengths. Dynamo passes it to the next step's graph as a
 placeholder; only the static ``CacheSpec`` is flatten metadata, so appends do not recompile.
 
 Operations it does not fuse dequantize the cache first (correct, never garbage); operations that
@@ -18,7 +18,7 @@ from torch.utils._pytree import tree_map_only
 
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import flush_count
-from kivi_compile.kernels.cache_layout import QuantizedKV, residual_tokens_ref
+from kivi_compile.kernels.cache_layout import RESIDUAL_START, QuantizedKV, lengths_tensor, read_lengths, residual_tokens_ref
 from kivi_compile.kernels.quantize import tokens_per_code_row, tokens_per_scale_row
 from kivi_compile.padding import backfill_hidden_keys
 
@@ -118,13 +118,13 @@ class KiviCacheTensor(torch.Tensor):
 
         Only residual tokens can be dropped: quantized groups are never split or requantized.
         """
-        n_quant, n_residual, start = self.lengths.tolist()
+        n_quant, _, start = read_lengths(self.kv)
         if seq_len < n_quant:
             raise NotImplementedError(
                 f"cannot crop a KIVI {self.spec.role} cache to {seq_len} tokens: its first {n_quant} are "
                 "already quantized in groups; only the full-precision residual can be dropped"
             )
-        lengths = torch.tensor([n_quant, seq_len - n_quant, start], dtype=self.lengths.dtype, device=self.lengths.device)
+        lengths = lengths_tensor(n_quant, seq_len - n_quant, start, self.lengths.device)
         # A view of this cache to autograd (it answers aten.slice): Dynamo fakeifies it by replaying
         # the crop on this cache's (dynamic) sizes, so it must not be marked itself.
         return KiviCacheTensor(self.kv._replace(lengths=lengths), self.spec, seq_len)
@@ -256,7 +256,7 @@ def _allocate(like: torch.Tensor, spec: CacheSpec, quant_tokens: int, residual_t
         scales=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
         mins=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
         residual=torch.zeros(batch, heads, residual_tokens, head_dim, dtype=like.dtype, device=device),
-        lengths=torch.zeros(3, dtype=torch.int64, device=device),
+        lengths=lengths_tensor(0, 0, 0, device),
     )
 
 
@@ -278,5 +278,5 @@ def _grown(kv: QuantizedKV, spec: CacheSpec, quant_tokens: int, residual_tokens:
         ordered = residual_tokens_ref(kv)
         grown.residual[..., : ordered.shape[-2], :] = ordered
         grown.lengths.copy_(kv.lengths)
-        grown.lengths[2] = 0
+        grown.lengths[RESIDUAL_START] = 0
     return grown

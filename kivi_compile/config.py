@@ -40,6 +40,8 @@ class KiviConfig:
             values G channels of a token, so G must divide the head dim and the residual length.
         residual_length: R, recent tokens kept in full precision; a multiple of G.
         compiler: ``"inductor"`` compiles the rewritten graph; ``"eager"`` runs it as is.
+        per_channel_keys: KIVI groups keys per channel; False groups them per token like values
+            (the paper's ablation, worse on outlier channels; for comparisons only).
     """
 
     key_bits: int = 2
@@ -47,6 +49,7 @@ class KiviConfig:
     group_size: int = 32
     residual_length: int = 128
     compiler: Compiler = Compiler.INDUCTOR
+    per_channel_keys: bool = True
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):
@@ -75,7 +78,7 @@ class KiviConfig:
             raise ValueError(f"KiviConfig.compiler={self.compiler!r}: must be one of {choices}") from None
 
     def key_spec(self) -> CacheSpec:
-        return CacheSpec(True, self.key_bits, self.group_size, self.residual_length)
+        return CacheSpec(self.per_channel_keys, self.key_bits, self.group_size, self.residual_length)
 
     def value_spec(self) -> CacheSpec:
         return CacheSpec(False, self.value_bits, self.group_size, self.residual_length)

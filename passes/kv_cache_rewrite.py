@@ -147,6 +147,7 @@ def _rewrite_decode(graph: torch.fx.Graph, site: SiteMatch, states: dict[str, li
                 key_spec.bits,
                 value_spec.bits,
                 key_spec.group_size,
+                key_spec.per_channel,
             ),
         )
     fused.meta.update(attention.meta)

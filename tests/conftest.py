@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on the interpreter; must precede `import triton`
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from kivi_helpers import seed_everything
 

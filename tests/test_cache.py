@@ -7,13 +7,14 @@ import torch
 from kivi_helpers import fake_quant
 
 from kivi_compile import KiviCacheTensor, KiviConfig
+from kivi_compile.kernels.cache_layout import read_lengths
 
 R, G = 32, 8
 CONFIG = KiviConfig(key_bits=2, value_bits=2, group_size=G, residual_length=R)
 
 
 def lengths(cache: KiviCacheTensor) -> tuple[int, int]:
-    n_quant, n_residual, _ = cache.lengths.tolist()
+    n_quant, n_residual, _ = read_lengths(cache.kv)
     return n_quant, n_residual
 
 

@@ -1,0 +1,145 @@
+"""Fused Triton decode attention against float64 attention over the same dequantized cache.
+
+Cache states come from the reference prefill + appends (so the quantized/residual boundary,
+lazy flushes and ring wrap-around are real), buffers start as random garbage and the output is
+poisoned with NaN. The kernel's relative error must stay within 2x of what PyTorch's own SDPA gets
+in the same precision on the same dequantized K/V (flash-attention's rule), plus a float32 floor.
+
+On CPU the kernel runs on the Triton interpreter with small shapes; GPU-marked cases repeat the
+comparison at real sizes on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from kivi_helpers import poisoned_cache, relative_error
+
+from kivi_compile.config import CacheSpec
+from kivi_compile.kernels.append import append_ref, store_prefill_ref
+from kivi_compile.kernels.cache_layout import QuantizedKV, dequantize_cache_ref
+from kivi_compile.kernels.decode_attention import decode_attention_triton
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+FLOOR = 2e-6  # float32 rounding differences between any two correct float32 computations
+# The kernel dequantizes with one fused multiply-add in half precision; Triton's interpreter
+# evaluates tl.fma as a multiply then an add (two roundings), so on CPU half precision gets 3x.
+HALF_FACTOR_ON_INTERPRETER = 3.0
+# Triton 3.6's interpreter multiplies bfloat16 dot operands as their raw uint16 bits.
+BF16 = pytest.param(
+    torch.bfloat16,
+    marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="interpreter has no bfloat16 tl.dot"),
+)
+
+
+def filled_cache(spec: CacheSpec, batch, heads, head_dim, dtype, prompt, steps, scale=None) -> QuantizedKV:
+    """A cache after a prefill of ``prompt`` tokens and appends of ``steps`` tokens each."""
+    total = prompt + sum(steps)
+    capacity = 2 * spec.residual_length + max(steps, default=0)
+    quant_tokens = -(-total // spec.group_size) * spec.group_size + spec.group_size
+    kv = poisoned_cache(spec, batch, heads, head_dim, dtype, quant_tokens, capacity, DEVICE)
+    scale = torch.ones(head_dim, device=DEVICE) if scale is None else scale
+
+    def tokens(n: int) -> torch.Tensor:
+        return (torch.randn(batch, heads, n, head_dim, device=DEVICE) * scale).to(dtype)
+
+    store_prefill_ref(kv, tokens(prompt), spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
+    for n_new in steps:
+        append_ref(kv, tokens(n_new), spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
+    return kv
+
+
+def attention_f64(q, keys, values, mask, is_causal):
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q.double(), keys.double(), values.double(),
+                                          attn_mask=mask if mask is None or mask.dtype == torch.bool else mask.double(),
+                                          is_causal=is_causal)  # fmt: skip
+
+
+def attention_same_precision(q, keys, values, mask, is_causal):
+    group = q.shape[1] // keys.shape[1]
+    keys, values = keys.to(q.dtype).repeat_interleave(group, 1), values.to(q.dtype).repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=is_causal)
+
+
+def check(q, key, value, spec_k, spec_v, mask=None, is_causal=False):
+    keys = dequantize_cache_ref(key, spec_k.bits, spec_k.group_size, per_channel=True)
+    values = dequantize_cache_ref(value, spec_v.bits, spec_v.group_size, per_channel=False)
+    expected = attention_f64(q, keys, values, mask, is_causal)
+    baseline_error = relative_error(attention_same_precision(q, keys, values, mask, is_causal), expected)
+    out = torch.full_like(q, float("nan"))
+    decode_attention_triton(q, key, value, mask, None, is_causal, spec_k.bits, spec_v.bits, spec_k.group_size, out=out)
+    error = relative_error(out, expected)
+    print(f"kernel error {error:.3e}, same-precision SDPA {baseline_error:.3e}")
+    assert not out.isnan().any()
+    factor = 2.0 if q.is_cuda or q.dtype == torch.float32 else HALF_FACTOR_ON_INTERPRETER
+    assert error <= factor * baseline_error + FLOOR
+
+
+CPU_CASES = [  # (q_heads, kv_heads, head_dim, k_bits, v_bits, group, residual, prompt, steps)
+    (4, 4, 32, 2, 2, 8, 16, 5, []),  # T < G: residual only
+    (4, 1, 32, 2, 2, 8, 16, 97, [1, 1, 1]),  # MQA, T not a multiple of R
+    (8, 2, 64, 2, 2, 16, 32, 61, [1] * 9),  # GQA 4:1, flushes between steps
+    (4, 2, 32, 4, 2, 8, 16, 300, [1] * 20),  # several splits of quantized tokens, ring wrapped
+    (2, 2, 16, 8, 4, 8, 8, 43, [3, 3]),  # 8-bit keys, multi-token steps
+    (2, 1, 32, 2, 2, 8, 16, 1100, [1]),  # long enough for two splits and their combine
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, BF16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "k_bits", "v_bits", "group", "residual", "prompt", "steps"),
+                         CPU_CASES)  # fmt: skip
+def test_decode_matches_float64(q_heads, kv_heads, head_dim, k_bits, v_bits, group, residual, prompt, steps, dtype):
+    spec_k, spec_v = CacheSpec(True, k_bits, group, residual), CacheSpec(False, v_bits, group, residual)
+    outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 2, kv_heads, head_dim, dtype, prompt, steps, scale=outliers)
+    value = filled_cache(spec_v, 2, kv_heads, head_dim, dtype, prompt, steps)
+    q_len = steps[-1] if steps else 1
+    q = torch.randn(2, q_heads, q_len, head_dim, device=DEVICE).to(dtype)
+    check(q, key, value, spec_k, spec_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, BF16])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+def test_multi_token_step_with_causal_mask_and_padded_rows(mask_kind, dtype):
+    """q_len 3 with HF's bottom-right causal mask; row 1 is left-padded (its first 7 keys hidden)."""
+    spec_k, spec_v = CacheSpec(True, 2, 8, 16), CacheSpec(False, 2, 8, 16)
+    key = filled_cache(spec_k, 2, 2, 32, dtype, 70, [3])
+    value = filled_cache(spec_v, 2, 2, 32, dtype, 70, [3])
+    seq_len, q_len = 73, 3
+    visible = torch.ones(2, 1, q_len, seq_len, dtype=torch.bool, device=DEVICE).tril(seq_len - q_len)
+    visible[1, :, :, :7] = False
+    mask = visible if mask_kind == "bool" else torch.zeros(visible.shape, dtype=dtype, device=DEVICE).masked_fill(
+        ~visible, torch.finfo(dtype).min)  # fmt: skip
+    q = torch.randn(2, 8, q_len, 32, device=DEVICE).to(dtype)
+    check(q, key, value, spec_k, spec_v, mask=mask)
+
+
+def test_is_causal_uses_top_left_alignment():
+    spec_k, spec_v = CacheSpec(True, 4, 8, 16), CacheSpec(False, 4, 8, 16)
+    key = filled_cache(spec_k, 1, 2, 32, torch.float16, 40, [3])
+    value = filled_cache(spec_v, 1, 2, 32, torch.float16, 40, [3])
+    check(torch.randn(1, 2, 3, 32, device=DEVICE).half(), key, value, spec_k, spec_v, is_causal=True)
+
+
+def test_unsupported_inputs_are_named():
+    spec = CacheSpec(True, 2, 8, 16)
+    key = filled_cache(spec, 1, 1, 24, torch.float16, 20, [])
+    with pytest.raises(ValueError, match="head_dim=24"):
+        decode_attention_triton(torch.randn(1, 1, 1, 24).half(), key, key, None, None, False, 2, 2, 8)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "bits"), [(32, 32, 128, 2), (32, 8, 128, 2),
+                                                                        (32, 8, 64, 4), (16, 1, 128, 2)])  # fmt: skip
+def test_decode_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, bits, dtype):
+    spec_k, spec_v = CacheSpec(True, bits, 32, 128), CacheSpec(False, bits, 32, 128)
+    outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 4, kv_heads, head_dim, dtype, 4001, [1] * 70, scale=outliers)
+    value = filled_cache(spec_v, 4, kv_heads, head_dim, dtype, 4001, [1] * 70)
+    check(torch.randn(4, q_heads, 1, head_dim, device=DEVICE).to(dtype), key, value, spec_k, spec_v)
