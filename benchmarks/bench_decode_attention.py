@@ -1,0 +1,188 @@
+"""Fused KIVI decode attention vs fp16 SDPA on the GPU, and the cost of quantize-on-append.
+
+For each shape (batch B, query heads H, KV heads Hkv, head dim D, cached tokens T, bits, group G;
+residual R = 128, one query token) the same run times, as medians of ``triton.testing.do_bench``:
+
+- ``sdpa``:   ``F.scaled_dot_product_attention`` over the fp16 K/V (``enable_gqa`` for GQA), the baseline;
+- ``ref``:    the PyTorch reference op (dequantize everything, then attend), for T <= --ref-max-tokens;
+- ``triton``: the fused Triton kernel over the packed cache.
+
+GB/s is over the bytes each must read (fp16 K/V for SDPA; codes, scales, minima and residual for
+KIVI); ``of copy`` compares with a device-to-device copy measured in the same run. The append
+table times one decode step's appends for all layers (K and V) against the step's attention.
+
+    python benchmarks/bench_decode_attention.py --out benchmarks/results/decode_attention
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+from tabulate import tabulate
+from triton.testing import do_bench
+
+from kivi_compile.cache import KiviCacheTensor
+from kivi_compile.config import KiviConfig
+from kivi_compile.kernels.append import append_triton
+from kivi_compile.kernels.decode_attention import _decode_attention_kernel, decode_attention_ref, decode_attention_triton
+
+RESIDUAL = 128
+# (B, H, Hkv, D, T, bits, G): the issue's acceptance shapes first, then the trend in T and G.
+SHAPES = [
+    *[(8, 32, 32, 128, t, bits, 32) for bits in (2, 4) for t in (1024, 4096, 8192, 32768)],
+    (8, 32, 32, 128, 32768, 2, 64),
+    (32, 32, 8, 128, 4096, 2, 32),
+    (32, 32, 8, 128, 32768, 2, 32),
+    (32, 32, 8, 128, 32768, 4, 32),
+    (1, 32, 32, 128, 32768, 2, 32),
+    (8, 32, 32, 64, 32768, 2, 32),
+]
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """GB/s of a device-to-device copy (bytes read + written over time)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src))
+    return 2 * nbytes / ms / 1e6
+
+
+def kivi_caches(keys: torch.Tensor, values: torch.Tensor, config: KiviConfig) -> tuple[KiviCacheTensor, ...]:
+    return KiviCacheTensor.from_dense(keys, config.key_spec()), KiviCacheTensor.from_dense(values, config.value_spec())
+
+
+def used_bytes(cache: KiviCacheTensor) -> int:
+    """Bytes the kernel reads: the quantized tokens' codes/scales/mins and the residual tokens."""
+    n_quant, n_residual, _ = cache.lengths[:3].tolist()
+    spec = cache.spec
+    batch, heads, _, head_dim = cache.shape
+    per_token = head_dim * spec.bits / 8 + 2 * (head_dim / spec.group_size) * cache.scales.element_size()
+    return int(batch * heads * (n_quant * per_token + n_residual * head_dim * cache.residual.element_size()))
+
+
+def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_tokens) -> dict:
+    config = KiviConfig(key_bits=bits, value_bits=bits, group_size=group, residual_length=RESIDUAL)
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.float16)
+    keys = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.float16)
+    values = torch.randn_like(keys)
+    sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=kv_heads != heads))
+    sdpa_bytes = 2 * keys.numel() * keys.element_size()
+    key, value = kivi_caches(keys, values, config)
+    del keys, values
+    triton_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
+    ref_ms = None
+    if seq_len <= ref_max_tokens:
+        ref_ms = do_bench(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
+                          warmup=5, rep=50)  # fmt: skip
+    kivi_bytes = used_bytes(key) + used_bytes(value)
+    tile = _decode_attention_kernel.best_config  # the autotuner's pick for this shape
+    return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
+                sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
+                sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,
+                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}", bytes_ratio=sdpa_bytes / kivi_bytes,
+                speedup=sdpa_ms / triton_ms)  # fmt: skip
+
+
+def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32, layers=32) -> dict:
+    """One step's appends for all layers vs that step's attention, at T = ``seq_len``.
+
+    Each timed append starts from set lengths: values always hold R + 1 residual tokens (the
+    steady state: one token flushes per step); keys hold R / 2 (a typical step) or R (the step
+    every R that flushes a whole block).
+    """
+    config = KiviConfig(key_bits=bits, value_bits=bits, group_size=group, residual_length=RESIDUAL)
+    dense = torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.float16)
+    key, value = kivi_caches(dense, dense.clone(), config)
+    del dense
+    new = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.float16)
+    q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.float16)
+    prefilled = {cache.spec.role: cache.lengths.clone() for cache in (key, value)}
+    starts = {
+        "typical": (torch.tensor([seq_len - RESIDUAL, RESIDUAL // 2, 0, 0]), torch.tensor([seq_len - RESIDUAL - 1, RESIDUAL + 1, 0, 0])),
+        "key flush": (torch.tensor([seq_len - RESIDUAL, RESIDUAL, 0, 0]), torch.tensor([seq_len - RESIDUAL - 1, RESIDUAL + 1, 0, 0])),
+    }  # fmt: skip
+
+    def timed_step(case: str) -> float:
+        lengths = [t.cuda() for t in starts[case]]
+
+        def reset() -> None:
+            key.lengths.copy_(lengths[0])
+            value.lengths.copy_(lengths[1])
+
+        def step() -> None:
+            reset()
+            for cache in (key, value):
+                spec = cache.spec
+                append_triton(cache.kv, new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
+
+        return do_bench(step) - do_bench(reset)
+
+    typical_ms, flush_ms = timed_step("typical"), timed_step("key flush")
+    key.lengths.copy_(prefilled["keys"])
+    value.lengths.copy_(prefilled["values"])
+    attention_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
+    amortized_ms = typical_ms + (flush_ms - typical_ms) / RESIDUAL
+    return dict(B=batch, H=heads, D=head_dim, T=seq_len, bits=bits, layers=layers,
+                append_ms_typical=layers * typical_ms, append_ms_key_flush=layers * flush_ms,
+                append_ms_amortized=layers * amortized_ms, attention_ms=layers * attention_ms,
+                append_share=amortized_ms / attention_ms)  # fmt: skip
+
+
+def plot(rows: list[dict], path: Path) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib not installed: no plot"
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for bits in sorted({r["bits"] for r in rows}):
+        series = [r for r in rows if (r["B"], r["H"], r["Hkv"], r["D"], r["G"], r["bits"]) == (8, 32, 32, 128, 32, bits)]
+        ax.plot([r["T"] for r in series], [r["speedup"] for r in series], marker="o", label=f"{bits}-bit, G=32")
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set(xscale="log", xlabel="cached tokens T", ylabel="speed-up over fp16 SDPA", title="B=8, H=32, D=128")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return f"plot: {path}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode_attention"))
+    parser.add_argument("--ref-max-tokens", type=int, default=8192, help="time the reference up to this T")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode_attention.py needs a CUDA GPU")
+    args.out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    print(f"{device} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')}")
+    copy_gbps = copy_bandwidth()
+    print(f"device copy: {copy_gbps:,.0f} GB/s")
+    rows = [bench_shape(*shape, args.ref_max_tokens) for shape in SHAPES]
+    for row in rows:
+        row["of_copy"] = row["triton_gbps"] / copy_gbps
+    headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "triton_ms", "sdpa_gbps",
+               "triton_gbps", "of_copy", "tile", "bytes_ratio", "speedup"]  # fmt: skip
+    print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, floatfmt=".3f"))
+    append = bench_append()
+    print(tabulate([append.values()], headers=list(append), floatfmt=".4f"))
+    with open(args.out / "decode_attention.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, date=time.strftime("%Y-%m-%d"),
+                copy_gbps=copy_gbps)  # fmt: skip
+    (args.out / "decode_attention.json").write_text(json.dumps(dict(meta=meta, rows=rows, append=append), indent=1))
+    print(plot(rows, args.out / "decode_attention.png"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""End-to-end generation: throughput and peak memory against batch size, KIVI vs fp16.
+
+Builds a model of an HF shape (default Llama-2-7B) with random weights directly on the GPU and
+runs KIVI's own memory/speed workload (prompt 160, 338 new tokens) for each method, sweeping the
+batch size until it runs out of memory:
+
+- ``fp16``:   HF eager, ``DynamicCache`` (the baseline).
+- ``quanto``: HF ``QuantizedCache`` with optimum-quanto 2-bit, when optimum-quanto is importable.
+- ``kivi-k2v2``, ``kivi-k4v4``: ``torch.compile(model.forward, backend=kivi_compile.backend(...))``
+  with G=32, R=128.
+
+Tokens per second count generated tokens (batch x new tokens) over the whole ``generate`` call,
+prompt included, after a short warm-up call that compiles the graphs. Prints a tabulate table with
+the ratio to the fp16 baseline at the same batch size and at each method's best batch, and writes
+JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
+
+    python benchmarks/bench_generate.py --out benchmarks/results/generate
+    python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1,2 --new 24   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tabulate import tabulate
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import kivi_compile
+from kivi_compile import KiviConfig
+
+SHAPES = {
+    "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=32, vocab_size=32000),  # fmt: skip
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                       num_key_value_heads=8, vocab_size=128256),  # fmt: skip
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=8, vocab_size=1000),  # fmt: skip
+}
+KIVI_METHODS = {
+    "kivi-k2v2": KiviConfig(key_bits=2, value_bits=2, group_size=32, residual_length=128),
+    "kivi-k4v4": KiviConfig(key_bits=4, value_bits=4, group_size=32, residual_length=128),
+}
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
+    config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def quanto_available() -> bool:
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class Method:
+    """One way of running ``generate``: how to set the model up, and the extra generate kwargs."""
+
+    def __init__(self, name: str, model: LlamaForCausalLM, compiler: str) -> None:
+        self.name, self.model = name, model
+        self.eager_forward = model.forward
+        self.backend = None
+        if name in KIVI_METHODS:
+            config = KiviConfig(**{**KIVI_METHODS[name].__dict__, "compiler": compiler})
+            self.backend = kivi_compile.backend(config)
+
+    def __enter__(self) -> Method:
+        torch._dynamo.reset()
+        if self.backend is not None:
+            self.model.forward = torch.compile(self.eager_forward, backend=self.backend)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.model.forward = self.eager_forward
+        torch._dynamo.reset()
+
+    def generate_kwargs(self) -> dict:
+        if self.name == "quanto":
+            return dict(cache_implementation="quantized", cache_config={"backend": "quanto", "nbits": 2})
+        return {}
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_once(method: Method, batch: int, prompt_len: int, new_tokens: int, device: str) -> tuple[float, int]:
+    """(seconds, peak bytes) of one ``generate`` of ``new_tokens`` for ``batch`` prompts."""
+    prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    synchronize(device)
+    start = time.perf_counter()
+    method.model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+        do_sample=False, pad_token_id=0, **method.generate_kwargs(),
+    )  # fmt: skip
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+    return seconds, peak
+
+
+def sweep(method: Method, batches: list[int], args) -> list[dict]:
+    rows = []
+    with method:
+        for batch in batches:
+            compiled_before = method.backend.graphs_compiled if method.backend else 0
+            try:
+                run_once(method, batch, args.prompt, 4, args.device)  # warm-up: compiles the graphs
+                seconds, peak = run_once(method, batch, args.prompt, args.new, args.device)
+            except torch.OutOfMemoryError:
+                rows.append(dict(method=method.name, batch=batch, oom=True))
+                print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
+                break
+            graphs = method.backend.graphs_compiled - compiled_before if method.backend else None
+            row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
+                       tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs)  # fmt: skip
+            rows.append(row)
+            print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
+                  f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}", flush=True)  # fmt: skip
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    baseline = {r["batch"]: r["tokens_per_second"] for r in rows if r["method"] == "fp16" and not r["oom"]}
+    best_baseline = max(baseline.values(), default=float("nan"))
+    lines = []
+    for r in rows:
+        if r["oom"]:
+            lines.append([r["method"], r["batch"], "OOM", "", "", "", ""])
+            continue
+        same = r["tokens_per_second"] / baseline[r["batch"]] if r["batch"] in baseline else float("nan")
+        lines.append([r["method"], r["batch"], f"{r['tokens_per_second']:.1f}", f"{r['peak_gib']:.2f}",
+                      r["graphs"] if r["graphs"] is not None else "-", f"{same:.2f}",
+                      f"{r['tokens_per_second'] / best_baseline:.2f}"])  # fmt: skip
+    headers = ["method", "batch", "tok/s", "peak GiB", "graphs (warm-up incl.)", "x fp16 same batch", "x fp16 best batch"]
+    return tabulate(lines, headers=headers, tablefmt="github")
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["method"] for r in rows):
+        done = [r for r in rows if r["method"] == name and not r["oom"]]
+        speed.plot([r["batch"] for r in done], [r["tokens_per_second"] for r in done], marker="o", label=name)
+        memory.plot([r["batch"] for r in done], [r["peak_gib"] for r in done], marker="o", label=name)
+    for axis, label in ((speed, "generated tokens / s"), (memory, "peak GPU memory (GiB)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("batch size")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+        axis.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--prompt", type=int, default=160)
+    parser.add_argument("--new", type=int, default=338)
+    parser.add_argument("--batches", default="1,16,64,96,128,192,256,384,512")
+    parser.add_argument("--methods", default="fp16,quanto,kivi-k2v2,kivi-k4v4")
+    parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor")
+    parser.add_argument("--out", default="benchmarks/results/generate")
+    args = parser.parse_args()
+
+    dtype = torch.float16 if args.device == "cuda" else torch.float32
+    model = build_model(args.shape, args.device, dtype)
+    batches = [int(b) for b in args.batches.split(",")]
+    names = [n for n in args.methods.split(",") if n != "quanto" or quanto_available()]
+    rows = []
+    for name in names:
+        rows += sweep(Method(name, model, args.compiler), batches, args)
+    # The first batch's count is one fresh generate's (warm-up included); later batches add none
+    # unless a batch size recompiles.
+    graphs = {name: [r["graphs"] for r in rows if r["method"] == name and not r["oom"]] for name in names}
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    header = (f"{args.shape} ({dtype}), prompt {args.prompt} + {args.new} new tokens, on {device_name}; "
+              f"torch {torch.__version__}, kivi compiler {args.compiler}")  # fmt: skip
+    print(header)
+    print("graphs compiled per batch size (first = a fresh generate):", graphs)
+    print(table(rows))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_generate.json").write_text(json.dumps(dict(header=header, graphs=graphs, rows=rows), indent=1))
+    try:
+        plot(rows, out / "bench_generate.png")
+    except ImportError:
+        print("matplotlib is not installed: no plot")
+
+
+if __name__ == "__main__":
+    main()
