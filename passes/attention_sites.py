@@ -14,6 +14,7 @@ it is not one. Shapes and dtypes are read from the nodes' fake values.
 from __future__ import annotations
 
 import operator
+import re
 from dataclasses import dataclass
 
 import torch
@@ -31,13 +32,18 @@ def source_location(node: Node) -> str:
     return frames[-1] if frames else ""
 
 
+# Where Dynamo found the root module: ``L['self']`` for a traced method, ``L['args'][0]`` or
+# ``L['fn']`` when the module came in as an argument; the path inside the model follows it.
+_DYNAMO_SOURCE_PREFIX = re.compile(r"^L\[[^\]]*\](\[[^\]]*\])*\.?")
+
+
 def module_path(node: Node) -> str:
     """Qualified name of the innermost ``nn.Module`` a node was traced in, or '' for functions."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
         return ""
     path = str(list(stack.values())[-1][0])
-    return path.removeprefix("L['self'].").removeprefix("L['self']")
+    return _DYNAMO_SOURCE_PREFIX.sub("", path)
 
 
 def output_node(graph: torch.fx.Graph) -> Node:
