@@ -31,6 +31,7 @@ from triton.testing import do_bench
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels.append import append_triton
+from kivi_compile.kernels.cache_layout import read_lengths
 from kivi_compile.kernels.decode_attention import _decode_attention_kernel, decode_attention_ref, decode_attention_triton
 
 RESIDUAL = 128
@@ -60,7 +61,7 @@ def kivi_caches(keys: torch.Tensor, values: torch.Tensor, config: KiviConfig) ->
 
 def used_bytes(cache: KiviCacheTensor) -> int:
     """Bytes the kernel reads: the quantized tokens' codes/scales/mins and the residual tokens."""
-    n_quant, n_residual, _ = cache.lengths[:3].tolist()
+    n_quant, n_residual, _ = read_lengths(cache.kv)
     spec = cache.spec
     batch, heads, _, head_dim = cache.shape
     per_token = head_dim * spec.bits / 8 + 2 * (head_dim / spec.group_size) * cache.scales.element_size()

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import QuantizedKV, lengths_tensor, read_lengths, ring_positions
+from .cache_layout import QuantizedKV, lengths_tensor, read_lengths, ring_positions, triton_layout_unsupported
 from .quantize import quantize_pack_ref, tokens_per_code_row, tokens_per_scale_row
 
 
@@ -255,14 +255,7 @@ def _append_kernel(
 
 def triton_append_unsupported(kv: QuantizedKV, new: torch.Tensor, group_size: int) -> str | None:
     """Why the Triton append cannot take these inputs (None when it can)."""
-    head_dim = new.shape[-1]
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if group_size & (group_size - 1):
-        return f"group_size={group_size} is not a power of two"
-    if kv.scales.stride() != kv.mins.stride():
-        return "scales and mins have different strides"
-    return None
+    return triton_layout_unsupported(new.shape[-1], group_size, kv)
 
 
 def append_triton(

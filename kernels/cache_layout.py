@@ -42,6 +42,17 @@ def lengths_tensor(n_quant: int, n_residual: int, start: int, device: torch.devi
     return torch.tensor([n_quant, n_residual, start, 0], dtype=torch.int64, device=device)
 
 
+def triton_layout_unsupported(head_dim: int, group_size: int, *caches: QuantizedKV) -> str | None:
+    """Why the Triton kernels cannot address caches of this shape (None when they can)."""
+    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
+        return f"head_dim={head_dim} is not a power of two in [16, 256]"
+    if group_size & (group_size - 1):
+        return f"group_size={group_size} is not a power of two"
+    if any(kv.scales.stride() != kv.mins.stride() for kv in caches):
+        return "scales and mins have different strides"
+    return None
+
+
 def ring_positions(start: int, count: int, capacity: int, device: torch.device) -> torch.Tensor:
     """Physical rows of ``count`` logical residual tokens starting at ring offset ``start``."""
     return (start + torch.arange(count, device=device)) % capacity

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache_layout import QuantizedKV, dequantize_cache_ref
+from .cache_layout import QuantizedKV, dequantize_cache_ref, triton_layout_unsupported
 from .quantize import codes_per_byte
 
 
@@ -317,24 +317,19 @@ def triton_decode_unsupported(
     q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, group_size: int, key_per_channel: bool
 ) -> str | None:
     """Why the Triton kernel cannot take these inputs (None when it can); the op then runs the reference."""
-    batch, q_heads, q_len, head_dim = q.shape
+    _, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
     if not key_per_channel:
         return "keys grouped per token (the ablation) have no Triton kernel"
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return f"query dtype {q.dtype} is not float16, bfloat16 or float32"
-    if head_dim & (head_dim - 1) or not 16 <= head_dim <= 256:
-        return f"head_dim={head_dim} is not a power of two in [16, 256]"
-    if group_size & (group_size - 1):
-        return f"group_size={group_size} is not a power of two"
     if q_heads % kv_heads:
         return f"{q_heads} query heads do not split evenly over {kv_heads} KV heads"
     if q_len * (q_heads // kv_heads) > MAX_QUERY_ROWS:
         return f"q_len * query heads per KV head = {q_len * (q_heads // kv_heads)} exceeds {MAX_QUERY_ROWS}"
-    for kv in (key, value):
-        if kv.residual.dtype != q.dtype or kv.scales.stride() != kv.mins.stride():
-            return "cache dtype differs from the query's, or its scales and mins differ in layout"
-    return None
+    if key.residual.dtype != q.dtype or value.residual.dtype != q.dtype:
+        return f"cache dtype {key.residual.dtype}/{value.residual.dtype} differs from the query's {q.dtype}"
+    return triton_layout_unsupported(head_dim, group_size, key, value)
 
 
 @functools.lru_cache

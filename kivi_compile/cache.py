@@ -69,7 +69,7 @@ class KiviCacheTensor(torch.Tensor):
         if visible is not None and spec.per_channel:
             dense = backfill_hidden_keys(dense, visible)
         seq_len = dense.shape[-2]
-        kv = _allocate(dense, spec, *_required_capacity(spec, seq_len, next_tokens))
+        kv = allocate_buffers(dense, spec, *_required_capacity(spec, seq_len, next_tokens))
         torch.ops.kivi.store_prefill_(
             *kv, dense, spec.bits, spec.group_size, spec.residual_length, spec.per_channel
         )
@@ -245,7 +245,8 @@ def _quant_rows(spec: CacheSpec, quant_tokens: int) -> tuple[int, int]:
     )
 
 
-def _allocate(like: torch.Tensor, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
+def allocate_buffers(like: torch.Tensor, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
+    """Empty buffers for ``quant_tokens`` quantized and ``residual_tokens`` residual tokens of ``like``'s shape."""
     batch, heads, _, head_dim = like.shape
     code_rows, scale_rows = _quant_rows(spec, quant_tokens)
     code_cols = head_dim if spec.per_channel else head_dim * spec.bits // 8
@@ -268,7 +269,7 @@ def _grown(kv: QuantizedKV, spec: CacheSpec, quant_tokens: int, residual_tokens:
     else:
         quant_tokens = quant_capacity
     residual_tokens = max(residual_tokens, kv.residual.shape[-2])
-    grown = _allocate(kv.residual, spec, quant_tokens, residual_tokens)
+    grown = allocate_buffers(kv.residual, spec, quant_tokens, residual_tokens)
     for old, new in zip((kv.codes, kv.scales, kv.mins), (grown.codes, grown.scales, grown.mins)):
         new[..., : old.shape[-2], :] = old
     if residual_tokens == kv.residual.shape[-2]:

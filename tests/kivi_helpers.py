@@ -19,6 +19,7 @@ from transformers import (
 from transformers.cache_utils import DynamicLayer
 
 from kivi_compile import KiviConfig
+from kivi_compile.cache import allocate_buffers
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.cache_layout import QuantizedKV
 
@@ -146,15 +147,9 @@ def poisoned_cache(
     spec: CacheSpec, batch: int, heads: int, head_dim: int, dtype, quant_tokens: int, capacity: int, device
 ) -> QuantizedKV:
     """An empty cache whose buffers hold random garbage, so untouched rows are told apart."""
-    per_byte = 8 // spec.bits
-    if spec.per_channel:
-        codes_shape, scales_shape = (quant_tokens // per_byte, head_dim), (quant_tokens // spec.group_size, head_dim)
-    else:
-        codes_shape, scales_shape = (quant_tokens, head_dim // per_byte), (quant_tokens, head_dim // spec.group_size)
-    return QuantizedKV(
-        codes=torch.randint(0, 256, (batch, heads, *codes_shape), dtype=torch.uint8, device=device),
-        scales=torch.randn(batch, heads, *scales_shape, device=device).to(dtype),
-        mins=torch.randn(batch, heads, *scales_shape, device=device).to(dtype),
-        residual=torch.randn(batch, heads, capacity, head_dim, device=device).to(dtype),
-        lengths=torch.zeros(4, dtype=torch.int64, device=device),
-    )
+    like = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=device)
+    kv = allocate_buffers(like, spec, quant_tokens, capacity)
+    kv.codes.random_(0, 256)
+    for buffer in (kv.scales, kv.mins, kv.residual):
+        buffer.normal_()
+    return kv
