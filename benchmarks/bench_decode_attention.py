@@ -87,7 +87,7 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,
-                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}", bytes_ratio=sdpa_bytes / kivi_bytes,
+                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}r{tile.maxnreg}", bytes_ratio=sdpa_bytes / kivi_bytes,
                 speedup=sdpa_ms / triton_ms)  # fmt: skip
 
 

@@ -82,13 +82,13 @@ def decode_attention_ref(
 # ---------------------------------------------------------------------------------------------
 # Triton
 #
-# Packed codes are unpacked without per-element byte gathers by visiting tokens and channels in
-# lane-major order: token column i of a block is token ``(i % R) * P + i // R`` (R = BLOCK_N / P
-# byte rows of keys); value columns run group by group, and inside a group of G channels lane by
-# lane (``_value_channels``). Consecutive columns then read consecutive bytes (vector loads) and
-# runs of columns share a scale; attention does not care in which order it sees tokens, and the
-# value channels are put back in order when the result is stored. Codes are dequantized with one
-# fused multiply-add in the cache dtype, the operand type of the tensor-core dots.
+# Packed codes are read with bytes that are contiguous in memory contiguous in the tile (vector
+# loads): key token ``t`` of a block is lane ``t % P`` of byte row ``t // P`` (P = 8 // bits); value
+# columns run group by group and, inside a group of G channels, lane by lane (``_value_columns``),
+# so consecutive columns read consecutive bytes and a group's columns share one scale; the value
+# channels are put back in order when the result is stored. Codes become floats without an
+# int-to-float conversion (``_small_ints_to_float``) and are dequantized with one fused
+# multiply-add in the cache dtype, the operand type of the tensor-core dots.
 # ---------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -97,62 +97,75 @@ GRANULE = 256  # tokens; the quantized tokens are split between programs in whol
 MIN_GRANULES_PER_SPLIT = 2  # shorter splits cost more in the combine than they save
 
 
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _configs() -> list[triton.Config]:
-    """A few tile shapes: the best depends on bits and head dim; one on the CPU interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    """Tile shapes with a register cap: uncapped, the compiler takes all 255 registers a thread and
+    only 8 warps fit on a multiprocessor, too few to hide the loads' latency. One on the interpreter."""
+    if _interpreted():
         return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=2) for n, w in ((64, 4), (64, 8), (128, 8), (256, 8))]
+    shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (64, 4, 168))
+    return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
 
 @triton.jit
-def _lane_major_tokens(BLOCK_N: tl.constexpr, BITS: tl.constexpr):
-    lanes: tl.constexpr = 8 // BITS
-    rows: tl.constexpr = BLOCK_N // lanes
-    columns = tl.arange(0, BLOCK_N)
-    return (columns % rows) * lanes + columns // rows
+def _small_ints_to_float(codes, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Exact ``DTYPE`` of int16 codes in [0, 2**BITS), without the slow int-to-float conversion.
+
+    OR-ing a small integer into the mantissa of ``2**k`` gives the float ``2**k + code``;
+    subtracting ``2**k`` leaves ``code``.
+    """
+    if DTYPE == tl.float16:
+        return (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+    elif DTYPE == tl.bfloat16 and BITS < 8:
+        return (codes | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
+    else:
+        return ((codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DTYPE)
 
 
 @triton.jit
-def _value_channels(HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """Channel of each value column: groups in order, lane-major inside a group."""
+def _unpack(packed, shift, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Codes ``(packed >> shift) & (2**BITS - 1)`` of uint8 tensors, as exact ``DTYPE``."""
+    return _small_ints_to_float((packed.to(tl.int16) >> shift.to(tl.int16)) & (2**BITS - 1), BITS, DTYPE)
+
+
+@triton.jit
+def _value_columns(HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
+    """(byte, shift, scale column, channel) of each value column: groups in order, lane-major inside."""
     lanes: tl.constexpr = 8 // BITS
     bytes_per_group: tl.constexpr = GROUP_SIZE // lanes
     columns = tl.arange(0, HEAD_DIM)
     in_group = columns % GROUP_SIZE
     byte = (columns // GROUP_SIZE) * bytes_per_group + in_group % bytes_per_group
-    return byte * lanes + in_group // bytes_per_group
+    lane = in_group // bytes_per_group
+    return byte, lane * BITS, columns // GROUP_SIZE, byte * lanes + lane
 
 
 @triton.jit
 def _dequantize_keys(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
                      tokens, channels, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
-    """Per-channel keys ``[tokens, D]`` in the cache dtype: byte ``t // P`` holds token ``t`` at lane ``t % P``."""
+    """Per-channel keys ``[tokens, D]`` in the cache dtype; ``tokens`` count from the pointers' rows."""
     lanes: tl.constexpr = 8 // BITS
-    offsets = (tokens // lanes)[:, None] * stride_ct + channels[None, :] * stride_cd
-    packed = tl.load(codes_ptr + offsets, mask=valid[:, None], other=0).to(tl.int32)
-    codes = (packed >> ((tokens % lanes) * BITS)[:, None]) & (2**BITS - 1)
+    packed = tl.load(codes_ptr + (tokens // lanes)[:, None] * stride_ct + channels[None, :] * stride_cd,
+                     mask=valid[:, None], other=0)  # fmt: skip
     group_offsets = (tokens // GROUP_SIZE)[:, None] * stride_st + channels[None, :] * stride_sd
     scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
     group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
-    return tl.fma(codes.to(scale.dtype), scale, group_min)  # one rounding, as float32 then a cast
+    return tl.fma(_unpack(packed, ((tokens % lanes) * BITS)[:, None], BITS, scale.dtype), scale, group_min)
 
 
 @triton.jit
 def _dequantize_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
-                       tokens, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Per-token values ``[tokens, D]`` in the cache dtype, channels in ``_value_channels`` order."""
-    lanes: tl.constexpr = 8 // BITS
-    bytes_per_group: tl.constexpr = GROUP_SIZE // lanes
-    columns = tl.arange(0, HEAD_DIM)
-    in_group = columns % GROUP_SIZE
-    byte = (columns // GROUP_SIZE) * bytes_per_group + in_group % bytes_per_group
-    offsets = tokens[:, None] * stride_ct + byte[None, :] * stride_cd
-    packed = tl.load(codes_ptr + offsets, mask=valid[:, None], other=0).to(tl.int32)
-    codes = (packed >> ((in_group // bytes_per_group) * BITS)[None, :]) & (2**BITS - 1)
-    group_offsets = tokens[:, None] * stride_st + (columns // GROUP_SIZE)[None, :] * stride_sd
+                       tokens, valid, byte, shift, scale_column, BITS: tl.constexpr):  # fmt: skip
+    """Per-token values ``[tokens, D]`` in the cache dtype, columns as ``_value_columns`` orders them."""
+    packed = tl.load(codes_ptr + tokens[:, None] * stride_ct + byte[None, :] * stride_cd,
+                     mask=valid[:, None], other=0)  # fmt: skip
+    group_offsets = tokens[:, None] * stride_st + scale_column[None, :] * stride_sd
     scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
     group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
-    return tl.fma(codes.to(scale.dtype), scale, group_min)
+    return tl.fma(_unpack(packed, shift[None, :], BITS, scale.dtype), scale, group_min)
 
 
 @triton.jit
@@ -222,6 +235,7 @@ def _decode_attention_kernel(
                 + channels[None, :] * stride_qd, mask=row_valid[:, None], other=0.0)  # fmt: skip
     mask_ptrs = mask_ptr + batch * stride_mb + heads[:, None] * stride_mh + q_pos[:, None] * stride_mn
 
+    batch = batch.to(tl.int64)  # whole-cache offsets can pass 2**31 elements
     kc_ptr += batch * stride_kcb + kv_head * stride_kch
     ks_ptr += batch * stride_ksb + kv_head * stride_ksh
     km_ptr += batch * stride_ksb + kv_head * stride_ksh
@@ -238,20 +252,24 @@ def _decode_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    in_block = _lane_major_tokens(BLOCK_N, K_BITS)
-    value_channels = _value_channels(HEAD_DIM, V_BITS, GROUP_SIZE)
+    in_block = tl.arange(0, BLOCK_N)
+    value_byte, value_shift, value_scale_column, value_channels = _value_columns(HEAD_DIM, V_BITS, GROUP_SIZE)
     if split < num_splits:  # a chunk of the tokens quantized on both sides
         first = split * granules_per_split * GRANULE
         last = tl.minimum(first + granules_per_split * GRANULE, both_quantized_end)
         all_valid = tl.full([BLOCK_N], 1, tl.int1)
-        for block_start in range(first, last, BLOCK_N):
-            tokens = block_start + in_block
-            keys = _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
-                                    tokens, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
-            values = _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                        tokens, all_valid, V_BITS, GROUP_SIZE, HEAD_DIM)  # fmt: skip
-            acc, row_max, row_sum = _attend(q, keys, values, tokens, all_valid, acc, row_max, row_sum, qk_scale,
-                                            mask_ptrs, stride_mt, row_valid, q_pos,
+        for block_start in range(first, last, BLOCK_N):  # offsets inside a block are loop-invariant
+            keys = _dequantize_keys(kc_ptr + (block_start // (8 // K_BITS)) * stride_kct,
+                                    ks_ptr + (block_start // GROUP_SIZE) * stride_kst,
+                                    km_ptr + (block_start // GROUP_SIZE) * stride_kst,
+                                    stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                    in_block, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
+            values = _dequantize_values(vc_ptr + block_start * stride_vct, vs_ptr + block_start * stride_vst,
+                                        vm_ptr + block_start * stride_vst,
+                                        stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                        in_block, all_valid, value_byte, value_shift, value_scale_column, V_BITS)  # fmt: skip
+            acc, row_max, row_sum = _attend(q, keys, values, block_start + in_block, all_valid, acc, row_max,
+                                            row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
                                             MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
     else:  # the tail: quantized on one side only, then the residual rings
         for block_start in range(both_quantized_end, seq_len, BLOCK_N):
@@ -269,7 +287,8 @@ def _decode_attention_kernel(
             values = tl.where(
                 v_is_quantized[:, None],
                 _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                   tokens, valid & v_is_quantized, V_BITS, GROUP_SIZE, HEAD_DIM),
+                                   tokens, valid & v_is_quantized, value_byte, value_shift, value_scale_column,
+                                   V_BITS),
                 _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
                            value_channels, valid & ~v_is_quantized),
             )  # fmt: skip

@@ -92,12 +92,19 @@ class KiviCacheTensor(torch.Tensor):
         return sum(t.numel() * t.element_size() for t in self.kv)
 
     def reserved(self, new_tokens: int) -> KiviCacheTensor:
-        """This cache with capacity for ``new_tokens`` more (itself when it already has room)."""
+        """This cache with capacity for ``new_tokens`` more (itself when it already has room).
+
+        Growing moves the tokens into larger buffers and frees this cache's (it is about to be
+        appended to, after which it must not be used): every layer grows in the same step, and
+        holding old and new buffers of all of them at once would double the cache's peak.
+        """
         quant_tokens, residual_tokens = _required_capacity(self.spec, self.shape[-2], new_tokens)
         quant_capacity = self.codes.shape[-2] * tokens_per_code_row(self.spec.per_channel, self.spec.bits)
         if quant_tokens <= quant_capacity and residual_tokens <= self.residual.shape[-2]:
             return self
         kv = _grown(self.kv, self.spec, quant_tokens, residual_tokens)
+        for moved in (self.codes, self.scales, self.mins, self.residual):
+            moved.untyped_storage().resize_(0)
         return KiviCacheTensor(kv, self.spec, self.shape[-2])
 
     def appended(self, new: torch.Tensor) -> KiviCacheTensor:

@@ -32,7 +32,7 @@ class KiviGraphRuntime:
             cache = arg.reserved(new_tokens)
             grown[index] = (cache, arg.shape[-2] + new_tokens)
             flat.extend(cache.kv)
-        outputs = self.compiled(*flat)  # Dynamo's convention; compile_fx's result follows it
+        outputs = list(self.compiled(*flat))  # Dynamo's convention; compile_fx's result follows it
         return tuple(self._result(slot, outputs, grown) for slot in self.plan.outputs)
 
     @staticmethod
@@ -41,7 +41,8 @@ class KiviGraphRuntime:
             return outputs[slot.index]
         if slot.kind == "prefill":
             visible = None if slot.visible_index is None else outputs[slot.visible_index]
-            cache = KiviCacheTensor.from_dense(outputs[slot.index], slot.spec, visible=visible)
+            dense, outputs[slot.index] = outputs[slot.index], None  # freed once quantized, layer by layer
+            cache = KiviCacheTensor.from_dense(dense, slot.spec, visible=visible)
         else:
             buffers, seq_len = grown[slot.index]
             cache = KiviCacheTensor(buffers.kv, buffers.spec, seq_len)

@@ -72,6 +72,20 @@ def test_quantized_tokens_are_never_requantized():
     assert torch.equal(cache.codes[..., : R // 4, :], codes_before)
 
 
+def test_growth_frees_the_old_buffers():
+    """Every layer grows in the same step: old and new buffers of all of them must not coexist."""
+    spec = CONFIG.value_spec()
+    history = torch.randn(1, 2, 3 * R, 16)
+    cache = KiviCacheTensor.from_dense(history, spec)
+    old_buffers = (cache.codes, cache.scales, cache.mins, cache.residual)
+    new = torch.randn(1, 2, 4 * R, 16)  # more than the reserved capacity
+    grown = torch.cat([cache, new], dim=-2)
+    assert all(buffer.untyped_storage().nbytes() == 0 for buffer in old_buffers)
+    history = torch.cat([history, new], dim=-2)
+    n_quant, _ = lengths(grown)
+    torch.testing.assert_close(grown.dequantize(), expected_dense(history, spec, n_quant), rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [3 * 128, 1000, 4099])
 def test_memory_held_is_the_packed_size(dtype, tokens):
