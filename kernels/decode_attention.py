@@ -87,8 +87,8 @@ def decode_attention_ref(
 # columns run group by group and, inside a group of G channels, lane by lane (``_value_columns``),
 # so consecutive columns read consecutive bytes and a group's columns share one scale; the value
 # channels are put back in order when the result is stored. Codes become floats without an
-# int-to-float conversion (``_small_ints_to_float``) and are dequantized with one fused
-# multiply-add in the cache dtype, the operand type of the tensor-core dots.
+# int-to-float conversion (``_unpack``) and are dequantized with one fused multiply-add in the
+# cache dtype, the operand type of the tensor-core dots.
 # ---------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -97,38 +97,29 @@ GRANULE = 256  # tokens; the quantized tokens are split between programs in whol
 MIN_GRANULES_PER_SPLIT = 2  # shorter splits cost more in the combine than they save
 
 
-def _interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _configs() -> list[triton.Config]:
     """Tile shapes with a register cap: uncapped, the compiler takes all 255 registers a thread and
     only 8 warps fit on a multiprocessor, too few to hide the loads' latency. One on the interpreter."""
-    if _interpreted():
+    if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
     shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (64, 4, 168))
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
 
 @triton.jit
-def _small_ints_to_float(codes, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """Exact ``DTYPE`` of int16 codes in [0, 2**BITS), without the slow int-to-float conversion.
+def _unpack(packed, shift, BITS: tl.constexpr, DTYPE: tl.constexpr):
+    """Codes ``(packed >> shift) & (2**BITS - 1)`` of uint8 tensors, as exact ``DTYPE``.
 
-    OR-ing a small integer into the mantissa of ``2**k`` gives the float ``2**k + code``;
-    subtracting ``2**k`` leaves ``code``.
+    No int-to-float conversion (a quarter-rate instruction on Hopper): OR-ing a small integer into
+    the mantissa of ``2**k`` gives the float ``2**k + code``; subtracting ``2**k`` leaves ``code``.
     """
+    codes = (packed.to(tl.int16) >> shift.to(tl.int16)) & (2**BITS - 1)
     if DTYPE == tl.float16:
         return (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     elif DTYPE == tl.bfloat16 and BITS < 8:
         return (codes | 0x4300).to(tl.bfloat16, bitcast=True) - 128.0
     else:
         return ((codes.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0).to(DTYPE)
-
-
-@triton.jit
-def _unpack(packed, shift, BITS: tl.constexpr, DTYPE: tl.constexpr):
-    """Codes ``(packed >> shift) & (2**BITS - 1)`` of uint8 tensors, as exact ``DTYPE``."""
-    return _small_ints_to_float((packed.to(tl.int16) >> shift.to(tl.int16)) & (2**BITS - 1), BITS, DTYPE)
 
 
 @triton.jit
