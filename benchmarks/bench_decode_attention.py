@@ -44,6 +44,7 @@ SHAPES = [
     (32, 32, 8, 128, 32768, 4, 32),
     (1, 32, 32, 128, 32768, 2, 32),
     (8, 32, 32, 64, 32768, 2, 32),
+    *[(batch, 32, 32, 128, 340, 2, 32) for batch in (1, 96, 192)],  # bench_generate's mid-run decode step
 ]
 
 
@@ -87,7 +88,7 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,
-                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}r{tile.maxnreg}", bytes_ratio=sdpa_bytes / kivi_bytes,
+                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}s{tile.num_stages}r{tile.maxnreg}", bytes_ratio=sdpa_bytes / kivi_bytes,
                 speedup=sdpa_ms / triton_ms)  # fmt: skip
 
 

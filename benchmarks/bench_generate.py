@@ -16,6 +16,7 @@ JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate
     python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1,2 --new 24   # smoke test
+    python benchmarks/bench_generate.py --batches 1,256 kivi-k2v2=1,384,512   # per-method batch lists
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -112,8 +114,8 @@ def run_once(method: Method, batch: int, prompt_len: int, new_tokens: int, devic
     return seconds, peak
 
 
-def sweep(method: Method, batches: list[int], args) -> list[dict]:
-    rows = []
+def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
+    """One row per batch size, until the first that runs out of memory (its row included)."""
     with method:
         for batch in batches:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
@@ -121,16 +123,25 @@ def sweep(method: Method, batches: list[int], args) -> list[dict]:
                 run_once(method, batch, args.prompt, 4, args.device)  # warm-up: compiles the graphs
                 seconds, peak = run_once(method, batch, args.prompt, args.new, args.device)
             except torch.OutOfMemoryError:
-                rows.append(dict(method=method.name, batch=batch, oom=True))
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
-                break
+                yield dict(method=method.name, batch=batch, oom=True)
+                return
             graphs = method.backend.graphs_compiled - compiled_before if method.backend else None
             row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
                        tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs)  # fmt: skip
-            rows.append(row)
             print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
                   f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}", flush=True)  # fmt: skip
-    return rows
+            yield row
+
+
+def graphs_per_batch(rows: list[dict]) -> dict[str, list[int | None]]:
+    """Graphs compiled at each batch size: the first is one fresh generate's (warm-up included),
+    later ones add none unless that batch size recompiles."""
+    graphs: dict[str, list[int | None]] = {}
+    for row in rows:
+        if not row["oom"]:
+            graphs.setdefault(row["method"], []).append(row["graphs"])
+    return graphs
 
 
 def table(rows: list[dict]) -> str:
@@ -170,13 +181,25 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def batch_lists(specs: list[str]) -> dict[str | None, list[int]]:
+    """``["1,96", "fp16=1,256"]`` -> ``{None: [1, 96], "fp16": [1, 256]}`` (None: every other method)."""
+    lists: dict[str | None, list[int]] = {}
+    for spec in specs:
+        name, _, sizes = spec.rpartition("=")
+        lists[name or None] = [int(b) for b in sizes.split(",")]
+    if None not in lists:
+        raise SystemExit("--batches needs a list for every method (one without METHOD=)")
+    return lists
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--prompt", type=int, default=160)
     parser.add_argument("--new", type=int, default=338)
-    parser.add_argument("--batches", default="1,16,64,96,128,192,256,384,512")
+    parser.add_argument("--batches", nargs="+", default=["1,16,64,96,128,192,256,384,512"],
+                        help="comma-separated batch sizes for every method; METHOD=b1,b2 overrides one method's")  # fmt: skip
     parser.add_argument("--methods", default="fp16,quanto,kivi-k2v2,kivi-k4v4")
     parser.add_argument("--compiler", choices=["inductor", "eager"], default="inductor")
     parser.add_argument("--out", default="benchmarks/results/generate")
@@ -184,24 +207,23 @@ def main() -> None:
 
     dtype = torch.float16 if args.device == "cuda" else torch.float32
     model = build_model(args.shape, args.device, dtype)
-    batches = [int(b) for b in args.batches.split(",")]
+    batches = batch_lists(args.batches)
     names = [n for n in args.methods.split(",") if n != "quanto" or quanto_available()]
-    rows = []
-    for name in names:
-        rows += sweep(Method(name, model, args.compiler), batches, args)
-    # The first batch's count is one fresh generate's (warm-up included); later batches add none
-    # unless a batch size recompiles.
-    graphs = {name: [r["graphs"] for r in rows if r["method"] == name and not r["oom"]] for name in names}
-
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     header = (f"{args.shape} ({dtype}), prompt {args.prompt} + {args.new} new tokens, on {device_name}; "
               f"torch {torch.__version__}, kivi compiler {args.compiler}")  # fmt: skip
-    print(header)
-    print("graphs compiled per batch size (first = a fresh generate):", graphs)
-    print(table(rows))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_generate.json").write_text(json.dumps(dict(header=header, graphs=graphs, rows=rows), indent=1))
+    rows: list[dict] = []
+    for name in names:
+        for row in sweep(Method(name, model, args.compiler), batches.get(name, batches[None]), args):
+            rows.append(row)  # saved as it comes, so a run cut short keeps the rows it finished
+            result = dict(header=header, graphs=graphs_per_batch(rows), rows=rows)
+            (out / "bench_generate.json").write_text(json.dumps(result, indent=1))
+
+    print(header)
+    print("graphs compiled per batch size (first = a fresh generate):", graphs_per_batch(rows))
+    print(table(rows))
     try:
         plot(rows, out / "bench_generate.png")
     except ImportError:

@@ -7,13 +7,15 @@
 broadcastable to ``[B, Hq, n, T]``; ``is_causal`` uses SDPA's top-left alignment. Scores, softmax
 and the value product run in float32; the output has the query's dtype.
 
-The Triton kernel is flash-decoding over the packed cache: grid ``(B * Hkv, S + 1)``. Program
+The Triton kernel is flash-decoding over the packed cache: grid ``(B * Hkv, S)``. Program
 ``(b * Hkv + h, s)`` holds the ``g * n`` query rows of KV head ``h`` (so each KV head is read once
-for its whole query group, GQA and MQA included) and runs an online softmax over a chunk of
-tokens, dequantizing codes in registers: splits ``s < S`` share the tokens where both keys and
-values are quantized, split ``S`` takes the rest (tokens quantized on one side only, and the
-full-precision residual ring). A second kernel combines the ``S + 1`` partial results. Lengths
-are read on the device; ``S`` is chosen from the buffers' capacity so nothing waits for the host.
+for its whole query group, GQA and MQA included) and runs an online softmax over the ``s``-th
+chunk of the sequence, dequantizing codes in registers; blocks quantized on both sides, mixed
+blocks and residual-ring blocks each get their own loop, so the common blocks carry no masks.
+A second kernel combines the ``S`` partial results; with ``S = 1`` (batches that fill the GPU on
+their own, short sequences) the first one normalizes and stores the output itself, one launch
+instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
+capacity so nothing waits for the host.
 """
 
 from __future__ import annotations
@@ -93,8 +95,10 @@ def decode_attention_ref(
 
 LOG2E = 1.4426950408889634
 MAX_QUERY_ROWS = 64  # g * n rows of one KV head held by a program; more falls back to the reference
-GRANULE = 256  # tokens; the quantized tokens are split between programs in whole granules
-MIN_GRANULES_PER_SPLIT = 2  # shorter splits cost more in the combine than they save
+GRANULE = 64  # tokens; the sequence is split between programs in whole granules (a multiple of BLOCK_N)
+# A split of fewer than 512 tokens saves less GPU time than the combine costs, and the combine is
+# one more launch: host time, which is what a small batch's decode step waits on.
+MIN_GRANULES_PER_SPLIT = 8
 
 
 def _configs() -> list[triton.Config]:
@@ -102,7 +106,8 @@ def _configs() -> list[triton.Config]:
     only 8 warps fit on a multiprocessor, too few to hide the loads' latency. One on the interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
-    shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (64, 4, 168))
+    shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (64, 4, 168))  # BLOCK_N divides GRANULE
+    # Two pipeline stages won no shape on the H100 (tried at 16-64 tokens, 4-8 warps).
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
 
@@ -191,6 +196,14 @@ def _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
     return acc, new_max, row_sum
 
 
+@triton.jit
+def _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, heads, q_pos, channels, row_valid):
+    """Rows ``(head, query position)`` of one batch entry into ``out [B, Hq, n, D]``."""
+    offsets = batch * stride_ob + heads * stride_oh + q_pos * stride_on
+    tl.store(out_ptr + offsets[:, None] + channels[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
+             mask=row_valid[:, None])  # fmt: skip
+
+
 @triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "Q_LEN", "K_BITS", "V_BITS", "GROUP_SIZE"])
 @triton.jit
 def _decode_attention_kernel(
@@ -204,15 +217,13 @@ def _decode_attention_kernel(
     vr_ptr, stride_vrb, stride_vrh, stride_vrt, stride_vrd,
     v_lengths_ptr,
     mask_ptr, stride_mb, stride_mh, stride_mn, stride_mt,
-    acc_ptr, max_ptr, sum_ptr,
-    qk_scale, kv_heads, k_capacity, v_capacity, num_splits, granules_per_split,
-    Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_on, stride_od,
+    qk_scale, kv_heads, k_capacity, v_capacity, num_splits, tokens_per_split,
+    SINGLE_SPLIT: tl.constexpr, Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, GRANULE: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M >= GROUP * Q_LEN)
-    tl.static_assert(GRANULE % BLOCK_N == 0)
     tl.static_assert(GROUP_SIZE % (8 // V_BITS) == 0)
     pid, split = tl.program_id(0), tl.program_id(1)
     batch, kv_head = pid // kv_heads, pid % kv_heads
@@ -238,59 +249,76 @@ def _decode_attention_kernel(
     k_quantized, k_start = tl.load(k_lengths_ptr + 0), tl.load(k_lengths_ptr + 2)
     v_quantized, v_start = tl.load(v_lengths_ptr + 0), tl.load(v_lengths_ptr + 2)
     seq_len = k_quantized + tl.load(k_lengths_ptr + 1)
-    both_quantized_end = (tl.minimum(k_quantized, v_quantized) // GRANULE) * GRANULE
 
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     in_block = tl.arange(0, BLOCK_N)
     value_byte, value_shift, value_scale_column, value_channels = _value_columns(HEAD_DIM, V_BITS, GROUP_SIZE)
-    if split < num_splits:  # a chunk of the tokens quantized on both sides
-        first = split * granules_per_split * GRANULE
-        last = tl.minimum(first + granules_per_split * GRANULE, both_quantized_end)
-        all_valid = tl.full([BLOCK_N], 1, tl.int1)
-        for block_start in range(first, last, BLOCK_N):  # offsets inside a block are loop-invariant
-            keys = _dequantize_keys(kc_ptr + (block_start // (8 // K_BITS)) * stride_kct,
-                                    ks_ptr + (block_start // GROUP_SIZE) * stride_kst,
-                                    km_ptr + (block_start // GROUP_SIZE) * stride_kst,
-                                    stride_kct, stride_kcd, stride_kst, stride_ksd,
-                                    in_block, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
-            values = _dequantize_values(vc_ptr + block_start * stride_vct, vs_ptr + block_start * stride_vst,
-                                        vm_ptr + block_start * stride_vst,
-                                        stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                        in_block, all_valid, value_byte, value_shift, value_scale_column, V_BITS)  # fmt: skip
-            acc, row_max, row_sum = _attend(q, keys, values, block_start + in_block, all_valid, acc, row_max,
-                                            row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
-                                            MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
-    else:  # the tail: quantized on one side only, then the residual rings
-        for block_start in range(both_quantized_end, seq_len, BLOCK_N):
-            tokens = block_start + in_block
-            valid = tokens < seq_len
-            k_is_quantized = tokens < k_quantized
-            keys = tl.where(
-                k_is_quantized[:, None],
-                _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
-                                 tokens, channels, valid & k_is_quantized, K_BITS, GROUP_SIZE),
-                _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels,
-                           valid & ~k_is_quantized),
-            )  # fmt: skip
-            v_is_quantized = tokens < v_quantized
-            values = tl.where(
-                v_is_quantized[:, None],
-                _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                   tokens, valid & v_is_quantized, value_byte, value_shift, value_scale_column,
-                                   V_BITS),
-                _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                           value_channels, valid & ~v_is_quantized),
-            )  # fmt: skip
-            acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
-                                            mask_ptrs, stride_mt, row_valid, q_pos,
-                                            MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+    first = split * tokens_per_split
+    last = tl.minimum(first + tokens_per_split, seq_len)
+    # This split's blocks fall in three runs: quantized on both sides, the few blocks quantized on
+    # one side only (or straddling a boundary), and the residual rings; one loop each.
+    both_quantized_end = (tl.minimum(k_quantized, v_quantized) // BLOCK_N) * BLOCK_N
+    both_residual_start = tl.cdiv(tl.maximum(k_quantized, v_quantized), BLOCK_N) * BLOCK_N
+    all_valid = tl.full([BLOCK_N], 1, tl.int1)
+    for block_start in range(first, tl.minimum(last, both_quantized_end), BLOCK_N):
+        # offsets inside a block are loop-invariant: advance the base pointers instead
+        keys = _dequantize_keys(kc_ptr + (block_start // (8 // K_BITS)) * stride_kct,
+                                ks_ptr + (block_start // GROUP_SIZE) * stride_kst,
+                                km_ptr + (block_start // GROUP_SIZE) * stride_kst,
+                                stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                in_block, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
+        values = _dequantize_values(vc_ptr + block_start * stride_vct, vs_ptr + block_start * stride_vst,
+                                    vm_ptr + block_start * stride_vst,
+                                    stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                    in_block, all_valid, value_byte, value_shift, value_scale_column, V_BITS)  # fmt: skip
+        acc, row_max, row_sum = _attend(q, keys, values, block_start + in_block, all_valid, acc, row_max,
+                                        row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
+                                        MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+    for block_start in range(tl.maximum(first, both_quantized_end), tl.minimum(last, both_residual_start), BLOCK_N):
+        tokens = block_start + in_block
+        valid = tokens < last
+        k_is_quantized = tokens < k_quantized
+        keys = tl.where(
+            k_is_quantized[:, None],
+            _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                             tokens, channels, valid & k_is_quantized, K_BITS, GROUP_SIZE),
+            _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels,
+                       valid & ~k_is_quantized),
+        )  # fmt: skip
+        v_is_quantized = tokens < v_quantized
+        values = tl.where(
+            v_is_quantized[:, None],
+            _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                               tokens, valid & v_is_quantized, value_byte, value_shift, value_scale_column,
+                               V_BITS),
+            _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                       value_channels, valid & ~v_is_quantized),
+        )  # fmt: skip
+        acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
+                                        mask_ptrs, stride_mt, row_valid, q_pos,
+                                        MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+    for block_start in range(tl.maximum(first, both_residual_start), last, BLOCK_N):
+        tokens = block_start + in_block
+        valid = tokens < last
+        keys = _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels, valid)
+        values = _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                            value_channels, valid)  # fmt: skip
+        acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
+                                        mask_ptrs, stride_mt, row_valid, q_pos,
+                                        MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
 
-    partial = pid * (num_splits + 1) + split
-    tl.store(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + value_channels[None, :], acc)
-    tl.store(max_ptr + partial * BLOCK_M + rows, row_max)
-    tl.store(sum_ptr + partial * BLOCK_M + rows, row_sum)
+    if SINGLE_SPLIT:  # the whole sequence was this program's: normalize and store, no combine
+        out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]  # 0 only in padding rows, never stored
+        _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, heads, q_pos, value_channels,
+                    row_valid)  # fmt: skip
+    else:
+        partial = pid * num_splits + split
+        tl.store(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + value_channels[None, :], acc,
+                 mask=row_valid[:, None])  # fmt: skip
+        tl.store(max_ptr + partial * BLOCK_M + rows, row_max, mask=row_valid)
+        tl.store(sum_ptr + partial * BLOCK_M + rows, row_sum, mask=row_valid)
 
 
 @triton.jit
@@ -302,25 +330,25 @@ def _combine_splits_kernel(
     pid = tl.program_id(0)
     batch, kv_head = pid // kv_heads, pid % kv_heads
     rows = tl.arange(0, BLOCK_M)
+    row_valid = rows < GROUP * Q_LEN  # only these rows of the partials were written
     channels = tl.arange(0, HEAD_DIM)
     first = pid * num_partials
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     for split in range(num_partials):
-        row_max = tl.maximum(row_max, tl.load(max_ptr + (first + split) * BLOCK_M + rows))
+        partial_max = tl.load(max_ptr + (first + split) * BLOCK_M + rows, mask=row_valid, other=float("-inf"))
+        row_max = tl.maximum(row_max, partial_max)
     safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
     out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
     for split in range(num_partials):
         partial = first + split
-        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows) - safe_max)
-        total += weight * tl.load(sum_ptr + partial * BLOCK_M + rows)
-        out += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :])
+        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")) - safe_max)
+        total += weight * tl.load(sum_ptr + partial * BLOCK_M + rows, mask=row_valid, other=0.0)
+        out += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :],
+                                         mask=row_valid[:, None], other=0.0)  # fmt: skip
     out = out / tl.where(total > 0, total, 1.0)[:, None]  # 0 only in padding rows, never stored
-    heads = kv_head * GROUP + rows // Q_LEN
-    offsets = batch * stride_ob + heads * stride_oh + (rows % Q_LEN) * stride_on
-    row_valid = rows < GROUP * Q_LEN
-    tl.store(out_ptr + offsets[:, None] + channels[None, :] * stride_od, out.to(out_ptr.dtype.element_ty),
-             mask=row_valid[:, None])  # fmt: skip
+    _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, kv_head * GROUP + rows // Q_LEN,
+                rows % Q_LEN, channels, row_valid)  # fmt: skip
 
 
 def triton_decode_unsupported(
@@ -348,7 +376,7 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _num_splits(programs: int, granules: int, device: torch.device) -> int:
-    """Enough splits of the quantized tokens for two programs per multiprocessor."""
+    """Enough splits of the sequence for two programs per multiprocessor."""
     wanted = -(-2 * _multiprocessors(device) // programs)
     return max(1, min(wanted, granules // MIN_GRANULES_PER_SPLIT))
 
@@ -382,10 +410,12 @@ def decode_attention_triton(
     kv_heads = key.residual.shape[1]
     group = q_heads // kv_heads
     block_m = max(16, triton.next_power_of_2(group * q_len))
-    quantized_capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits), value.codes.shape[-2])
-    granules = quantized_capacity // GRANULE
+    # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
+    capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
+                   value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
+    granules = -(-capacity // GRANULE)
     num_splits = _num_splits(batch * kv_heads, granules, q.device)
-    granules_per_split = max(1, -(-granules // num_splits))
+    tokens_per_split = -(-granules // num_splits) * GRANULE
 
     if attn_mask is None:
         mask_kind, mask, mask_strides = 0, q, (0, 0, 0, 0)
@@ -394,27 +424,31 @@ def decode_attention_triton(
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
         mask_strides = mask.stride()
-    partials = batch * kv_heads * (num_splits + 1) * block_m
-    acc = torch.empty(partials, head_dim, dtype=torch.float32, device=q.device)
-    row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
-    row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
+    out = torch.empty_like(q) if out is None else out
+    if num_splits == 1:  # the kernel writes ``out`` itself; the partial buffers are never touched
+        acc = row_max = row_sum = out
+    else:
+        partials = batch * kv_heads * num_splits * block_m
+        acc = torch.empty(partials, head_dim, dtype=torch.float32, device=q.device)
+        row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
+        row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
-    _decode_attention_kernel[(batch * kv_heads, num_splits + 1)](
+    _decode_attention_kernel[(batch * kv_heads, num_splits)](
         q, *q.stride(),
         key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
         key.residual, *key.residual.stride(), key.lengths,
         value.codes, *value.codes.stride(), value.scales, value.mins, *value.scales.stride(),
         value.residual, *value.residual.stride(), value.lengths,
         mask, *mask_strides,
-        acc, row_max, row_sum,
-        qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, granules_per_split,
-        Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        acc, row_max, row_sum, out, *out.stride(),
+        qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, tokens_per_split,
+        SINGLE_SPLIT=num_splits == 1, Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
         K_BITS=key_bits, V_BITS=value_bits, GROUP_SIZE=group_size, MASK_KIND=mask_kind,
-        IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", GRANULE=GRANULE,
+        IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
     )  # fmt: skip
-    out = torch.empty_like(q) if out is None else out
-    _combine_splits_kernel[(batch * kv_heads,)](
-        acc, row_max, row_sum, out, *out.stride(), kv_heads, num_splits + 1,
-        Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-    )  # fmt: skip
+    if num_splits > 1:
+        _combine_splits_kernel[(batch * kv_heads,)](
+            acc, row_max, row_sum, out, *out.stride(), kv_heads, num_splits,
+            Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
+        )  # fmt: skip
     return out

@@ -137,10 +137,12 @@ class KiviCacheTensor(torch.Tensor):
         return KiviCacheTensor(self.kv._replace(lengths=lengths), self.spec, seq_len)
 
     def mark_dynamic(self) -> None:
-        """Ask Dynamo to treat the growing sizes as dynamic, so steps and growth do not recompile."""
+        """Ask Dynamo to treat the growing sizes as dynamic, so steps and growth do not recompile.
+
+        Dynamo mirrors the mark onto the inner tensors of the same rank: the four ``[B, H, rows, cols]``
+        buffers, whose rows grow with the cache.
+        """
         torch._dynamo.maybe_mark_dynamic(self, 2)
-        for buffer in (self.codes, self.scales, self.mins, self.residual):
-            torch._dynamo.maybe_mark_dynamic(buffer, buffer.dim() - 2)
 
     def __repr__(self) -> str:  # type: ignore[override]
         return (

@@ -136,7 +136,8 @@ def test_unsupported_inputs_are_named():
 @on_gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "bits"), [(32, 32, 128, 2), (32, 8, 128, 2),
-                                                                        (32, 8, 64, 4), (16, 1, 128, 2)])  # fmt: skip
+                                                                        (32, 8, 64, 4), (16, 1, 128, 2),
+                                                                        (8, 4, 32, 4)])  # fmt: skip
 def test_decode_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, bits, dtype):
     spec_k, spec_v = CacheSpec(True, bits, 32, 128), CacheSpec(False, bits, 32, 128)
     outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2

@@ -29,9 +29,15 @@ def test_inductor_on_cuda_follows_the_simulation(family, dtype, bits):
     backend = kivi_compile.backend(config)
     model.forward = torch.compile(model.forward, backend=backend)
     out = model.generate(prompt, **kwargs)
-    steps = 10  # half-precision greedy paths may part on near-ties later
+    # Half-precision logits have near-ties (in bfloat16 the top two are often one ulp apart), so
+    # the greedy paths may part; logits after that step are for different tokens. Compare the
+    # first 10 steps, up to and including the one whose argmax differs.
+    same = (out.sequences[:, prompt.shape[1]:] == expected.sequences[:, prompt.shape[1]:]).all(dim=0).tolist()
+    parted_at = same.index(False) if False in same else None
+    steps = 10 if parted_at is None else min(10, parted_at + 1)
     error = max(relative_error(a, e) for a, e in zip(out.logits[:steps], expected.logits[:steps]))
-    print(f"{family} {dtype} K{bits}V{bits}: max step error {error:.2e}, graphs {backend.graphs_compiled}")
+    print(f"{family} {dtype} K{bits}V{bits}: max error {error:.2e} over {steps} steps (paths part at step "
+          f"{parted_at}), graphs {backend.graphs_compiled}")
     # The simulation attends with CUDA's half-precision SDPA kernels, KIVI in float32.
     assert error <= (5e-3 if dtype == torch.float16 else 2e-2)
     assert backend.graphs_compiled <= 4
