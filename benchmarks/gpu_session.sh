@@ -2,7 +2,9 @@
 # One device call for a session's GPU figures, each step under its own time limit and logged under
 # $OUT as it runs (a step cut short still leaves its log): the kernels' GPU tests at real sizes and
 # the end-to-end CUDA test, the decode-attention benchmark, then generate throughput and memory.
-#   OUT=/tmp/out bash benchmarks/gpu_session.sh [bench_generate --batches arguments...]
+#   OUT=/tmp/out bash benchmarks/gpu_session.sh [BATCHES ...]
+# Each BATCHES, a comma-separated list of batch sizes (default: 1, then 256), is its own generate
+# step of kivi K2V2 then fp16, so the comparison at the first comes back even if a later one is cut.
 # TESTS overrides the pytest selection; TEST_S, DECODE_S and GENERATE_S the steps' limits (seconds).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -27,5 +29,8 @@ default_tests="-m gpu tests/test_gpu_end_to_end.py tests/test_decode_attention.p
 # shellcheck disable=SC2086  # TESTS is a word list
 step pytest "${TEST_S:-170}" python3 -P -m pytest -q -p no:cacheprovider -p no:logging --durations=8 ${TESTS:-$default_tests}
 step decode_attention "${DECODE_S:-150}" python3 benchmarks/bench_decode_attention.py --out "$out/decode_attention"
-step generate "${GENERATE_S:-240}" python3 benchmarks/bench_generate.py --methods kivi-k2v2,fp16 \
-    --batches "${@:-1,256}" --out "$out/generate"
+[ $# -gt 0 ] || set -- 1 256
+for batches in "$@"; do
+    step "generate_${batches//,/_}" "${GENERATE_S:-240}" python3 benchmarks/bench_generate.py \
+        --methods kivi-k2v2,fp16 --batches "$batches" --out "$out/generate_${batches//,/_}"
+done
