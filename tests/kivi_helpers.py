@@ -7,6 +7,7 @@ so the tests do not compare the product with itself.
 from __future__ import annotations
 
 import random
+from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -18,6 +19,7 @@ from transformers import (
 )
 from transformers.cache_utils import DynamicLayer
 
+import kivi_compile
 from kivi_compile import KiviConfig
 from kivi_compile.cache import allocate_buffers
 from kivi_compile.config import CacheSpec
@@ -113,9 +115,9 @@ def simulated_cache(
     return cache
 
 
-def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs):
-    """Greedy generation returning (tokens, per-step logits [steps, B, V])."""
-    out = model.generate(
+def greedy_output(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs):
+    """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept)."""
+    return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
         max_new_tokens=new_tokens,
@@ -126,7 +128,41 @@ def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **k
         pad_token_id=0,
         **kwargs,
     )
+
+
+def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs):
+    """Greedy generation returning (tokens, per-step logits [steps, B, V])."""
+    out = greedy_output(model, input_ids, new_tokens, **kwargs)
     return out.sequences, torch.stack(out.logits)
+
+
+class SimulationComparison(NamedTuple):
+    error: float  # largest relative logit error of a compared step
+    steps: int  # steps compared
+    parted_at: int | None  # first step whose greedy token differs (None: the paths never part)
+    backend: kivi_compile.KiviBackend
+    cache: DynamicCache  # the compiled run's cache
+
+
+def compiled_against_simulation(
+    model: torch.nn.Module, prompt: torch.Tensor, config: KiviConfig, new_tokens: int, max_steps: int | None = None
+) -> SimulationComparison:
+    """Greedy generation through ``torch.compile`` with the KIVI backend against the simulation.
+
+    Half-precision logits have near-ties (in bfloat16 the top two are often one ulp apart), so the
+    greedy paths may part; the logits after that step are for other tokens. Steps are compared up to
+    and including the one whose token differs, and at most ``max_steps``.
+    """
+    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, past_key_values=simulated_cache(model, config))
+    backend = kivi_compile.backend(config)
+    model.forward = torch.compile(model.forward, backend=backend)
+    out = greedy_output(model, prompt, new_tokens)
+    prompt_len = prompt.shape[1]
+    same = (out.sequences[:, prompt_len:] == expected_tokens[:, prompt_len:]).all(dim=0).tolist()
+    parted_at = same.index(False) if False in same else None
+    steps = min(len(same) if parted_at is None else parted_at + 1, max_steps or len(same))
+    error = max(relative_error(a, e) for a, e in zip(out.logits[:steps], expected_logits[:steps]))
+    return SimulationComparison(error, steps, parted_at, backend, out.past_key_values)
 
 
 @torch.no_grad()

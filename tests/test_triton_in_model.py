@@ -8,9 +8,8 @@ from collections import Counter
 
 import pytest
 import torch
-from kivi_helpers import relative_error, simulated_cache, tiny_model
+from kivi_helpers import compiled_against_simulation, tiny_model
 
-import kivi_compile
 from kivi_compile import KiviConfig
 from kivi_compile.kernels import ops
 
@@ -44,18 +43,12 @@ def test_compiled_model_with_triton_kernels_follows_the_simulation(triton_calls,
     config = KiviConfig(key_bits=bits, value_bits=bits, group_size=32, residual_length=32, compiler="eager")
     model = tiny_model(family, dtype=torch.float16)
     prompt = torch.randint(1, model.config.vocab_size, (3, 45))
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=24, min_new_tokens=24, do_sample=False,
-                  pad_token_id=0, return_dict_in_generate=True, output_logits=True)  # fmt: skip
-    expected = model.generate(prompt, past_key_values=simulated_cache(model, config), **kwargs)
-    backend = kivi_compile.backend(config)
-    model.forward = torch.compile(model.forward, backend=backend)
-    out = model.generate(prompt, **kwargs)
-    # 24 steps pass a key flush (R = 32 after a 45-token prompt); greedy paths may part on a near-tie
-    same = (out.sequences[:, prompt.shape[1]:] == expected.sequences[:, prompt.shape[1]:]).all(dim=0).tolist()
-    steps = same.index(False) + 1 if False in same else len(same)
-    error = max(relative_error(a, e) for a, e in zip(out.logits[:steps], expected.logits[:steps]))
+    # 24 steps pass a key flush (R = 32 after a 45-token prompt)
+    result = compiled_against_simulation(model, prompt, config, new_tokens=24)
+    error, steps = result.error, result.steps
     assert steps > 1 and error <= 5e-3, f"relative logit error {error:.2e} over {steps} steps"
-    assert backend.graphs_compiled <= 4
+    assert result.backend.graphs_compiled <= 4
     decode_steps = 24 - 1  # the first new token comes from the prefill, which attends densely
     layers = model.config.num_hidden_layers
-    assert triton_calls == {"decode_attention_triton": layers * decode_steps, "append_triton": 2 * layers * decode_steps}
+    calls_per_kernel = {"decode_attention_triton": layers * decode_steps, "append_triton": 2 * layers * decode_steps}
+    assert triton_calls == calls_per_kernel
