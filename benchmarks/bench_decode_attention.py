@@ -168,9 +168,12 @@ def main() -> None:
     print(f"{device} | torch {torch.__version__} | triton {triton.__version__} | {time.strftime('%Y-%m-%d')}")
     copy_gbps = copy_bandwidth()
     print(f"device copy: {copy_gbps:,.0f} GB/s")
-    rows = [bench_shape(*shape, args.ref_max_tokens) for shape in SHAPES]
-    for row in rows:
+    rows = []
+    for shape in SHAPES:  # one line per shape as it finishes, so a run cut short still reports
+        row = bench_shape(*shape, args.ref_max_tokens)
         row["of_copy"] = row["triton_gbps"] / copy_gbps
+        print(f"{shape}: sdpa {row['sdpa_ms']:.3f} ms, triton {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}", flush=True)
+        rows.append(row)
     headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "triton_ms", "sdpa_gbps",
                "triton_gbps", "of_copy", "tile", "bytes_ratio", "speedup"]  # fmt: skip
     print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, floatfmt=".3f"))

@@ -5,7 +5,9 @@
 #   OUT=/tmp/out bash benchmarks/gpu_session.sh [BATCHES ...]
 # Each BATCHES, a comma-separated list of batch sizes (default: 1, then 256), is its own generate
 # step of kivi K2V2 then fp16, so the comparison at the first comes back even if a later one is cut.
-# TESTS overrides the pytest selection; TEST_S, DECODE_S and GENERATE_S the steps' limits (seconds).
+# TESTS overrides the pytest selection (words: files and -m; no quotes) and TEST_FILTER is its -k
+# expression; TEST_S, DECODE_S and GENERATE_S are the steps' limits (seconds);
+# SKIP names steps to leave out (e.g. SKIP="pytest decode_attention").
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 out=${OUT:-/tmp/kivi-gpu}
@@ -17,6 +19,7 @@ python3 -c "import torch, transformers, triton; print('torch', torch.__version__
 step() {  # step NAME SECONDS COMMAND...: run, keep the whole log, show its tail
     local name=$1 seconds=$2
     shift 2
+    if [[ " ${SKIP:-} " == *" $name "* ]]; then echo "=== $name: skipped"; return; fi
     echo "=== $name (limit ${seconds}s)"
     local start=$SECONDS
     timeout "$seconds" "$@" > "$out/$name.log" 2>&1
@@ -27,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the whole log, show its tail
 # -P: the repository root stays off sys.path, so its kernels/ folder is not importable as `kernels`.
 default_tests="-m gpu tests/test_gpu_end_to_end.py tests/test_decode_attention.py tests/test_append.py"
 # shellcheck disable=SC2086  # TESTS is a word list
-step pytest "${TEST_S:-170}" python3 -P -m pytest -q -p no:cacheprovider -p no:logging --durations=8 ${TESTS:-$default_tests}
+step pytest "${TEST_S:-170}" python3 -P -m pytest -q -p no:cacheprovider -p no:logging --durations=8 ${TESTS:-$default_tests} ${TEST_FILTER:+-k "$TEST_FILTER"}
 step decode_attention "${DECODE_S:-150}" python3 benchmarks/bench_decode_attention.py --out "$out/decode_attention"
 [ $# -gt 0 ] || set -- 1 256
 for batches in "$@"; do

@@ -269,6 +269,14 @@ def append_triton(
     reason = triton_append_unsupported(kv, new, group_size)
     if reason is not None:
         raise ValueError(f"Triton KIVI append: {reason}")
+    launch_append(kv, new, bits, group_size, residual_length, per_channel)
+
+
+def launch_append(
+    kv: QuantizedKV, new: torch.Tensor, bits: int, group_size: int, residual_length: int, per_channel: bool
+) -> None:
+    """:func:`append_triton` for inputs :func:`triton_append_unsupported` already accepted (the op
+    checks them once)."""
     batch, heads, n_new, head_dim = new.shape
     _append_kernel[(batch * heads,)](
         new, kv.residual, kv.codes, kv.scales, kv.mins, kv.lengths,

@@ -84,13 +84,15 @@ def decode_attention_ref(
 # ---------------------------------------------------------------------------------------------
 # Triton
 #
-# Packed codes are read with bytes that are contiguous in memory contiguous in the tile (vector
-# loads): key token ``t`` of a block is lane ``t % P`` of byte row ``t // P`` (P = 8 // bits); value
-# columns run group by group and, inside a group of G channels, lane by lane (``_value_columns``),
-# so consecutive columns read consecutive bytes and a group's columns share one scale; the value
-# channels are put back in order when the result is stored. Codes become floats without an
-# int-to-float conversion (``_unpack``) and are dequantized with one fused multiply-add in the
-# cache dtype, the operand type of the tensor-core dots.
+# Blocks quantized on both sides are read compactly: the packed bytes once, each key scale row once
+# (when a block lies inside one key group), each value scale once per byte column, and the next
+# block's loads are issued before the current block is used. Their codes are split into lanes in
+# registers and left lane-major: a block's tokens and the value channels are permuted
+# (``_block_token_order``, ``_value_channel_order``) instead of interleaving the lanes back, and the
+# output is stored in channel order. Codes become floats without an int-to-float conversion
+# (``_unpack``) and are dequantized with one multiply-add in the cache dtype, the operand type of the
+# tensor-core dots. Boundary blocks (one side quantized, or the residual ring) take the general
+# per-element path (``_dequantize_keys``, ``_dequantize_values``).
 # ---------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -99,14 +101,17 @@ GRANULE = 64  # tokens; the sequence is split between programs in whole granules
 # A split of fewer than 512 tokens saves less GPU time than the combine costs, and the combine is
 # one more launch: host time, which is what a small batch's decode step waits on.
 MIN_GRANULES_PER_SPLIT = 8
+# Programs wanted per multiprocessor when the sequence is split (4 beat 2 on the H200: B=8, T=32k,
+# 2-bit, 1.27 vs 1.39 ms); more programs keep more loads in flight.
+PROGRAMS_PER_MULTIPROCESSOR = 4
 
 
 def _configs() -> list[triton.Config]:
     """Tile shapes with a register cap: uncapped, the compiler takes all 255 registers a thread and
     only 8 warps fit on a multiprocessor, too few to hide the loads' latency. One on the interpreter."""
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return [triton.Config({"BLOCK_N": 64}, num_warps=4)]
-    shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (64, 4, 168))  # BLOCK_N divides GRANULE
+        return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
+    shapes = ((16, 4, 96), (32, 4, 96), (32, 4, 128), (32, 2, 168), (64, 8, 128))  # none spills in the main loop
     # Two pipeline stages won no shape on the H100 (tried at 16-64 tokens, 4-8 warps).
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
@@ -118,7 +123,7 @@ def _unpack(packed, shift, BITS: tl.constexpr, DTYPE: tl.constexpr):
     No int-to-float conversion (a quarter-rate instruction on Hopper): OR-ing a small integer into
     the mantissa of ``2**k`` gives the float ``2**k + code``; subtracting ``2**k`` leaves ``code``.
     """
-    codes = (packed.to(tl.int16) >> shift.to(tl.int16)) & (2**BITS - 1)
+    codes = (packed.to(tl.int16) >> shift) & (2**BITS - 1)
     if DTYPE == tl.float16:
         return (codes | 0x6400).to(tl.float16, bitcast=True) - 1024.0
     elif DTYPE == tl.bfloat16 and BITS < 8:
@@ -128,15 +133,87 @@ def _unpack(packed, shift, BITS: tl.constexpr, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _value_columns(HEAD_DIM: tl.constexpr, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):
-    """(byte, shift, scale column, channel) of each value column: groups in order, lane-major inside."""
-    lanes: tl.constexpr = 8 // BITS
-    bytes_per_group: tl.constexpr = GROUP_SIZE // lanes
+def _dequantize_lanes(packed, scale, offset, BITS: tl.constexpr):
+    """``codes * scale + offset`` of each lane of ``packed [X, Y]`` (scale and offset broadcast to
+    ``[X, Y]``), as ``[X, Y, P]`` with lane ``i`` (bits ``i * BITS`` and up) at ``[:, :, i]``.
+    Scaling each lane before joining keeps the scales in the codes' layout. ``tl.join`` stacks on a
+    new last axis, so ``join(join(l0, l2), join(l1, l3))`` holds lane ``2 * a + b`` at ``[.., a, b]``."""
+    dtype: tl.constexpr = scale.dtype
+    if BITS == 8:
+        return tl.expand_dims(_unpack(packed, 0, BITS, dtype) * scale + offset, 2)
+    elif BITS == 4:
+        return tl.join(_unpack(packed, 0, BITS, dtype) * scale + offset,
+                       _unpack(packed, 4, BITS, dtype) * scale + offset)  # fmt: skip
+    else:
+        pairs = tl.join(tl.join(_unpack(packed, 0, BITS, dtype) * scale + offset,
+                                _unpack(packed, 4, BITS, dtype) * scale + offset),
+                        tl.join(_unpack(packed, 2, BITS, dtype) * scale + offset,
+                                _unpack(packed, 6, BITS, dtype) * scale + offset))  # fmt: skip
+        return tl.reshape(pairs, (packed.shape[0], packed.shape[1], 4))
+
+
+@triton.jit
+def _block_token_order(BLOCK_N: tl.constexpr, KEY_LANES: tl.constexpr):
+    """Token (from the block's start) at each row of a both-quantized block: lane-major,
+    ``row = lane * (BLOCK_N / Pk) + byte row``, the order the key lanes come out in."""
+    rows = tl.arange(0, BLOCK_N)
+    return (rows % (BLOCK_N // KEY_LANES)) * KEY_LANES + rows // (BLOCK_N // KEY_LANES)
+
+
+@triton.jit
+def _value_channel_order(HEAD_DIM: tl.constexpr, VALUE_LANES: tl.constexpr):
+    """Value channel at each column of a value tile and of the accumulator: lane-major,
+    ``column = lane * (D / Pv) + byte``, the order the value lanes come out in."""
     columns = tl.arange(0, HEAD_DIM)
-    in_group = columns % GROUP_SIZE
-    byte = (columns // GROUP_SIZE) * bytes_per_group + in_group % bytes_per_group
-    lane = in_group // bytes_per_group
-    return byte, lane * BITS, columns // GROUP_SIZE, byte * lanes + lane
+    return (columns % (HEAD_DIM // VALUE_LANES)) * VALUE_LANES + columns // (HEAD_DIM // VALUE_LANES)
+
+
+@triton.jit
+def _load_quantized_block(
+    kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+    vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+    block_start, present, channels,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Raw loads of one block quantized on both sides (nothing when ``present`` is False): key bytes
+    ``[BLOCK_N / Pk, D]`` with their scales/mins (``[D]``, or per byte row when the block spans key
+    groups), value bytes ``[BLOCK_N, D / Pv]`` (rows in :func:`_block_token_order`) with a scale/min
+    per byte."""
+    key_lanes: tl.constexpr = 8 // K_BITS
+    value_lanes: tl.constexpr = 8 // V_BITS
+    present = tl.full([1, 1], 1, tl.int1) & present  # a tensor also where ``present`` is a Python bool
+    key_rows = tl.arange(0, BLOCK_N // key_lanes)
+    key_codes = tl.load(kc_ptr + (block_start // key_lanes + key_rows)[:, None] * stride_kct
+                        + channels[None, :] * stride_kcd, mask=present, other=0)  # fmt: skip
+    if BLOCK_N <= GROUP_SIZE:
+        key_offsets = ((block_start // GROUP_SIZE) * stride_kst + channels * stride_ksd)[None, :]
+    else:  # byte row r holds tokens r * Pk .. r * Pk + Pk - 1, all in group r // (G / Pk)
+        key_groups = block_start // GROUP_SIZE + key_rows // (GROUP_SIZE // key_lanes)
+        key_offsets = key_groups[:, None] * stride_kst + channels[None, :] * stride_ksd
+    key_scale = tl.load(ks_ptr + key_offsets, mask=present, other=0.0)
+    key_min = tl.load(km_ptr + key_offsets, mask=present, other=0.0)
+    tokens = block_start + _block_token_order(BLOCK_N, key_lanes)
+    byte_columns = tl.arange(0, HEAD_DIM // value_lanes)
+    value_codes = tl.load(vc_ptr + tokens[:, None] * stride_vct + byte_columns[None, :] * stride_vcd,
+                          mask=present, other=0)  # fmt: skip
+    value_offsets = tokens[:, None] * stride_vst + (byte_columns // (GROUP_SIZE // value_lanes))[None, :] * stride_vsd
+    value_scale = tl.load(vs_ptr + value_offsets, mask=present, other=0.0)
+    value_min = tl.load(vm_ptr + value_offsets, mask=present, other=0.0)
+    return key_codes, key_scale, key_min, value_codes, value_scale, value_min
+
+
+@triton.jit
+def _dequantize_block(key_codes, key_scale, key_min, value_codes, value_scale, value_min,
+                      K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Keys and values ``[BLOCK_N, D]`` in the cache dtype from :func:`_load_quantized_block`'s
+    tiles: tokens in :func:`_block_token_order`, value channels in :func:`_value_channel_order`.
+    Both orders keep each lane's codes together, so no registers are shuffled to interleave them."""
+    keys = _dequantize_lanes(key_codes, key_scale, key_min, K_BITS)  # [BLOCK_N / Pk, D, Pk]
+    values = _dequantize_lanes(value_codes, value_scale, value_min, V_BITS)  # [BLOCK_N, D / Pv, Pv]
+    return (tl.reshape(tl.permute(keys, (2, 0, 1)), (BLOCK_N, HEAD_DIM)),
+            tl.reshape(tl.permute(values, (0, 2, 1)), (BLOCK_N, HEAD_DIM)))  # fmt: skip
 
 
 @triton.jit
@@ -149,18 +226,21 @@ def _dequantize_keys(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stri
     group_offsets = (tokens // GROUP_SIZE)[:, None] * stride_st + channels[None, :] * stride_sd
     scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
     group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
-    return tl.fma(_unpack(packed, ((tokens % lanes) * BITS)[:, None], BITS, scale.dtype), scale, group_min)
+    shift = ((tokens % lanes) * BITS).to(tl.int16)
+    return tl.fma(_unpack(packed, shift[:, None], BITS, scale.dtype), scale, group_min)
 
 
 @triton.jit
 def _dequantize_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
-                       tokens, valid, byte, shift, scale_column, BITS: tl.constexpr):  # fmt: skip
-    """Per-token values ``[tokens, D]`` in the cache dtype, columns as ``_value_columns`` orders them."""
-    packed = tl.load(codes_ptr + tokens[:, None] * stride_ct + byte[None, :] * stride_cd,
+                       tokens, channels, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
+    """Per-token values ``[tokens, D]`` in the cache dtype."""
+    lanes: tl.constexpr = 8 // BITS
+    packed = tl.load(codes_ptr + tokens[:, None] * stride_ct + (channels // lanes)[None, :] * stride_cd,
                      mask=valid[:, None], other=0)  # fmt: skip
-    group_offsets = tokens[:, None] * stride_st + scale_column[None, :] * stride_sd
+    group_offsets = tokens[:, None] * stride_st + (channels // GROUP_SIZE)[None, :] * stride_sd
     scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
     group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
+    shift = ((channels % lanes) * BITS).to(tl.int16)
     return tl.fma(_unpack(packed, shift[None, :], BITS, scale.dtype), scale, group_min)
 
 
@@ -254,7 +334,8 @@ def _decode_attention_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     in_block = tl.arange(0, BLOCK_N)
-    value_byte, value_shift, value_scale_column, value_channels = _value_columns(HEAD_DIM, V_BITS, GROUP_SIZE)
+    block_order = _block_token_order(BLOCK_N, 8 // K_BITS)
+    value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS)
     first = split * tokens_per_split
     last = tl.minimum(first + tokens_per_split, seq_len)
     # This split's blocks fall in three runs: quantized on both sides, the few blocks quantized on
@@ -262,18 +343,19 @@ def _decode_attention_kernel(
     both_quantized_end = (tl.minimum(k_quantized, v_quantized) // BLOCK_N) * BLOCK_N
     both_residual_start = tl.cdiv(tl.maximum(k_quantized, v_quantized), BLOCK_N) * BLOCK_N
     all_valid = tl.full([BLOCK_N], 1, tl.int1)
-    for block_start in range(first, tl.minimum(last, both_quantized_end), BLOCK_N):
-        # offsets inside a block are loop-invariant: advance the base pointers instead
-        keys = _dequantize_keys(kc_ptr + (block_start // (8 // K_BITS)) * stride_kct,
-                                ks_ptr + (block_start // GROUP_SIZE) * stride_kst,
-                                km_ptr + (block_start // GROUP_SIZE) * stride_kst,
-                                stride_kct, stride_kcd, stride_kst, stride_ksd,
-                                in_block, channels, all_valid, K_BITS, GROUP_SIZE)  # fmt: skip
-        values = _dequantize_values(vc_ptr + block_start * stride_vct, vs_ptr + block_start * stride_vst,
-                                    vm_ptr + block_start * stride_vst,
-                                    stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                    in_block, all_valid, value_byte, value_shift, value_scale_column, V_BITS)  # fmt: skip
-        acc, row_max, row_sum = _attend(q, keys, values, block_start + in_block, all_valid, acc, row_max,
+    quantized_end = tl.minimum(last, both_quantized_end)
+    next_block = _load_quantized_block(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                       vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                       first, first < quantized_end, channels,
+                                       K_BITS, V_BITS, GROUP_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+    for block_start in range(first, quantized_end, BLOCK_N):
+        block = next_block  # loaded one iteration ahead, so two blocks' loads are in flight
+        next_block = _load_quantized_block(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                           vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                           block_start + BLOCK_N, block_start + BLOCK_N < quantized_end, channels,
+                                           K_BITS, V_BITS, GROUP_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
+        keys, values = _dequantize_block(*block, K_BITS, V_BITS, BLOCK_N, HEAD_DIM)
+        acc, row_max, row_sum = _attend(q, keys, values, block_start + block_order, all_valid, acc, row_max,
                                         row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
     for block_start in range(tl.maximum(first, both_quantized_end), tl.minimum(last, both_residual_start), BLOCK_N):
@@ -291,10 +373,9 @@ def _decode_attention_kernel(
         values = tl.where(
             v_is_quantized[:, None],
             _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                               tokens, valid & v_is_quantized, value_byte, value_shift, value_scale_column,
-                               V_BITS),
-            _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                       value_channels, valid & ~v_is_quantized),
+                               tokens, value_channels, valid & v_is_quantized, V_BITS, GROUP_SIZE),
+            _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity, value_channels,
+                       valid & ~v_is_quantized),
         )  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
@@ -303,8 +384,8 @@ def _decode_attention_kernel(
         tokens = block_start + in_block
         valid = tokens < last
         keys = _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels, valid)
-        values = _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                            value_channels, valid)  # fmt: skip
+        values = _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity, value_channels,
+                            valid)  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
@@ -376,9 +457,24 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 def _num_splits(programs: int, granules: int, device: torch.device) -> int:
-    """Enough splits of the sequence for two programs per multiprocessor."""
-    wanted = -(-2 * _multiprocessors(device) // programs)
+    """Enough splits of the sequence for ``PROGRAMS_PER_MULTIPROCESSOR`` programs per multiprocessor."""
+    wanted = -(-PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device) // programs)
     return max(1, min(wanted, granules // MIN_GRANULES_PER_SPLIT))
+
+
+# The tile shape the autotuner chose for each key, so later launches skip its per-call argument
+# scan (about 0.1 ms of host time per launch on the GPU machine, a decode step's 32 layers' worth
+# of milliseconds at batch 1).
+_TUNED_CONFIGS: dict[tuple, triton.Config] = {}
+
+
+def _launch_tuned(grid: tuple[int, ...], tuning_key: tuple, *args, **constexprs) -> None:
+    config = _TUNED_CONFIGS.get(tuning_key)
+    if config is None:  # first launch of this kind: the autotuner times the configs
+        _decode_attention_kernel[grid](*args, **constexprs)
+        _TUNED_CONFIGS[tuning_key] = _decode_attention_kernel.best_config
+    else:
+        _decode_attention_kernel.fn[grid](*args, **constexprs, **config.all_kwargs())
 
 
 def decode_attention_triton(
@@ -406,6 +502,23 @@ def decode_attention_triton(
     reason = triton_decode_unsupported(q, key, value, group_size, key_per_channel=True)
     if reason is not None:
         raise ValueError(f"Triton KIVI decode attention: {reason}")
+    return launch_decode_attention(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size, out)
+
+
+def launch_decode_attention(
+    q: torch.Tensor,
+    key: QuantizedKV,
+    value: QuantizedKV,
+    attn_mask: torch.Tensor | None,
+    scale: float | None,
+    is_causal: bool,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`decode_attention_triton` for inputs :func:`triton_decode_unsupported` already accepted
+    (the op checks them once; each check costs host time in every layer of every step)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
     group = q_heads // kv_heads
@@ -433,7 +546,9 @@ def decode_attention_triton(
         row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
         row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
-    _decode_attention_kernel[(batch * kv_heads, num_splits)](
+    tuning_key = (head_dim, group, q_len, key_bits, value_bits, group_size, q.dtype, mask.dtype, num_splits == 1)
+    _launch_tuned(
+        (batch * kv_heads, num_splits), tuning_key,
         q, *q.stride(),
         key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
         key.residual, *key.residual.stride(), key.lengths,

@@ -24,9 +24,9 @@ import logging
 import torch
 from torch import Tensor
 
-from .append import append_ref, append_triton, store_prefill_ref, triton_append_unsupported
+from .append import append_ref, launch_append, store_prefill_ref, triton_append_unsupported
 from .cache_layout import QuantizedKV, dequantize_cache_ref
-from .decode_attention import decode_attention_ref, decode_attention_triton, triton_decode_unsupported
+from .decode_attention import decode_attention_ref, launch_decode_attention, triton_decode_unsupported
 
 logger = logging.getLogger("kivi_compile.kernels")
 _reported_fallbacks: set[str] = set()
@@ -95,7 +95,7 @@ def append_cuda_(codes, scales, mins, residual, lengths, new, bits, group_size, 
     kv = QuantizedKV(codes, scales, mins, residual, lengths)
     reason = triton_append_unsupported(kv, new, group_size)
     if reason is None:
-        append_triton(kv, new, bits, group_size, residual_length, per_channel)
+        launch_append(kv, new, bits, group_size, residual_length, per_channel)
     else:
         _report_fallback("append_", reason)
         append_ref(kv, new, bits, group_size, residual_length, per_channel)
@@ -135,7 +135,7 @@ def decode_attention_cuda(q, k_codes, k_scales, k_mins, k_residual, k_lengths, v
     value = QuantizedKV(v_codes, v_scales, v_mins, v_residual, v_lengths)
     reason = triton_decode_unsupported(q, key, value, group_size, key_per_channel)
     if reason is None:
-        return decode_attention_triton(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size)
+        return launch_decode_attention(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size)
     _report_fallback("decode_attention", reason)
     return decode_attention_ref(
         q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size, key_per_channel

@@ -86,6 +86,7 @@ CPU_CASES = [  # (q_heads, kv_heads, head_dim, k_bits, v_bits, group, residual, 
     (4, 2, 32, 4, 2, 8, 16, 300, [1] * 20),  # several splits of quantized tokens, ring wrapped
     (2, 2, 16, 8, 4, 8, 8, 43, [3, 3]),  # 8-bit keys, multi-token steps
     (2, 1, 32, 2, 2, 8, 16, 1100, [1]),  # long enough for two splits and their combine
+    (4, 2, 64, 4, 4, 32, 32, 150, [1, 1]),  # blocks inside one key group: one scale row per block
 ]
 
 
