@@ -92,7 +92,7 @@ def decode_attention_ref(
 # output is stored in channel order. Codes become floats without an int-to-float conversion
 # (``_unpack``) and are dequantized with one multiply-add in the cache dtype, the operand type of the
 # tensor-core dots. Boundary blocks (one side quantized, or the residual ring) take the general
-# per-element path (``_dequantize_keys``, ``_dequantize_values``).
+# per-element path for keys (``_dequantize_keys``) and the same lane-major loads for values.
 # ---------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634
@@ -194,13 +194,27 @@ def _load_quantized_block(
     key_scale = tl.load(ks_ptr + key_offsets, mask=present, other=0.0)
     key_min = tl.load(km_ptr + key_offsets, mask=present, other=0.0)
     tokens = block_start + _block_token_order(BLOCK_N, key_lanes)
-    byte_columns = tl.arange(0, HEAD_DIM // value_lanes)
-    value_codes = tl.load(vc_ptr + tokens[:, None] * stride_vct + byte_columns[None, :] * stride_vcd,
-                          mask=present, other=0)  # fmt: skip
-    value_offsets = tokens[:, None] * stride_vst + (byte_columns // (GROUP_SIZE // value_lanes))[None, :] * stride_vsd
-    value_scale = tl.load(vs_ptr + value_offsets, mask=present, other=0.0)
-    value_min = tl.load(vm_ptr + value_offsets, mask=present, other=0.0)
+    value_codes, value_scale, value_min = _load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst,
+                                                       stride_vsd, tokens, present, V_BITS, GROUP_SIZE, HEAD_DIM)  # fmt: skip
     return key_codes, key_scale, key_min, value_codes, value_scale, value_min
+
+
+@triton.jit
+def _load_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd, tokens, valid,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """Packed value bytes ``[tokens, D / P]`` and a scale/min per byte (``valid`` broadcasts to them)."""
+    lanes: tl.constexpr = 8 // BITS
+    byte_columns = tl.arange(0, HEAD_DIM // lanes)
+    codes = tl.load(codes_ptr + tokens[:, None] * stride_ct + byte_columns[None, :] * stride_cd, mask=valid, other=0)
+    offsets = tokens[:, None] * stride_st + (byte_columns // (GROUP_SIZE // lanes))[None, :] * stride_sd
+    return codes, tl.load(scales_ptr + offsets, mask=valid, other=0.0), tl.load(mins_ptr + offsets, mask=valid, other=0.0)
+
+
+@triton.jit
+def _lane_major_values(codes, scale, offset, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Values ``[tokens, D]`` from :func:`_load_values`' tiles, columns in :func:`_value_channel_order`."""
+    values = _dequantize_lanes(codes, scale, offset, BITS)  # [tokens, D / P, P]
+    return tl.reshape(tl.permute(values, (0, 2, 1)), (codes.shape[0], HEAD_DIM))
 
 
 @triton.jit
@@ -211,9 +225,8 @@ def _dequantize_block(key_codes, key_scale, key_min, value_codes, value_scale, v
     tiles: tokens in :func:`_block_token_order`, value channels in :func:`_value_channel_order`.
     Both orders keep each lane's codes together, so no registers are shuffled to interleave them."""
     keys = _dequantize_lanes(key_codes, key_scale, key_min, K_BITS)  # [BLOCK_N / Pk, D, Pk]
-    values = _dequantize_lanes(value_codes, value_scale, value_min, V_BITS)  # [BLOCK_N, D / Pv, Pv]
     return (tl.reshape(tl.permute(keys, (2, 0, 1)), (BLOCK_N, HEAD_DIM)),
-            tl.reshape(tl.permute(values, (0, 2, 1)), (BLOCK_N, HEAD_DIM)))  # fmt: skip
+            _lane_major_values(value_codes, value_scale, value_min, V_BITS, HEAD_DIM))  # fmt: skip
 
 
 @triton.jit
@@ -231,25 +244,23 @@ def _dequantize_keys(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stri
 
 
 @triton.jit
-def _dequantize_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_st, stride_sd,
-                       tokens, channels, valid, BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
-    """Per-token values ``[tokens, D]`` in the cache dtype."""
-    lanes: tl.constexpr = 8 // BITS
-    packed = tl.load(codes_ptr + tokens[:, None] * stride_ct + (channels // lanes)[None, :] * stride_cd,
-                     mask=valid[:, None], other=0)  # fmt: skip
-    group_offsets = tokens[:, None] * stride_st + (channels // GROUP_SIZE)[None, :] * stride_sd
-    scale = tl.load(scales_ptr + group_offsets, mask=valid[:, None], other=0.0)
-    group_min = tl.load(mins_ptr + group_offsets, mask=valid[:, None], other=0.0)
-    shift = ((channels % lanes) * BITS).to(tl.int16)
-    return tl.fma(_unpack(packed, shift[None, :], BITS, scale.dtype), scale, group_min)
-
-
-@triton.jit
 def _ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, channels, valid):
     """Residual tokens ``[tokens, D]`` (logical positions ``tokens``) from the ring buffer."""
     rows = (start + tokens - first_residual) % capacity
     offsets = rows[:, None] * stride_t + channels[None, :] * stride_d
     return tl.load(residual_ptr + offsets, mask=valid[:, None], other=0.0)
+
+
+@triton.jit
+def _lane_major_ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, valid,
+                          LANES: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """:func:`_ring_rows` of all channels, columns in :func:`_value_channel_order`: loaded as
+    ``[tokens, D / P, P]`` (adjacent channels last, so the loads stay vectorized), permuted in registers."""
+    rows = (start + tokens - first_residual) % capacity
+    channels = tl.arange(0, HEAD_DIM // LANES)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    offsets = rows[:, None, None] * stride_t + channels[None, :, :] * stride_d
+    x = tl.load(residual_ptr + offsets, mask=valid[:, None, None], other=0.0)
+    return tl.reshape(tl.permute(x, (0, 2, 1)), (tokens.shape[0], HEAD_DIM))
 
 
 @triton.jit
@@ -372,10 +383,11 @@ def _decode_attention_kernel(
         v_is_quantized = tokens < v_quantized
         values = tl.where(
             v_is_quantized[:, None],
-            _dequantize_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                               tokens, value_channels, valid & v_is_quantized, V_BITS, GROUP_SIZE),
-            _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity, value_channels,
-                       valid & ~v_is_quantized),
+            _lane_major_values(*_load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+                                             tokens, (valid & v_is_quantized)[:, None], V_BITS, GROUP_SIZE, HEAD_DIM),
+                               V_BITS, HEAD_DIM),
+            _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                                  valid & ~v_is_quantized, 8 // V_BITS, HEAD_DIM),
         )  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
@@ -384,8 +396,8 @@ def _decode_attention_kernel(
         tokens = block_start + in_block
         valid = tokens < last
         keys = _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels, valid)
-        values = _ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity, value_channels,
-                            valid)  # fmt: skip
+        values = _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                                       valid, 8 // V_BITS, HEAD_DIM)  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
