@@ -181,7 +181,6 @@ def _load_quantized_block(
     groups), value bytes ``[BLOCK_N, D / Pv]`` (rows in :func:`_block_token_order`) with a scale/min
     per byte."""
     key_lanes: tl.constexpr = 8 // K_BITS
-    value_lanes: tl.constexpr = 8 // V_BITS
     present = tl.full([1, 1], 1, tl.int1) & present  # a tensor also where ``present`` is a Python bool
     key_rows = tl.arange(0, BLOCK_N // key_lanes)
     key_codes = tl.load(kc_ptr + (block_start // key_lanes + key_rows)[:, None] * stride_kct
@@ -195,7 +194,7 @@ def _load_quantized_block(
     key_min = tl.load(km_ptr + key_offsets, mask=present, other=0.0)
     tokens = block_start + _block_token_order(BLOCK_N, key_lanes)
     value_codes, value_scale, value_min = _load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst,
-                                                       stride_vsd, tokens, present, V_BITS, GROUP_SIZE, HEAD_DIM)  # fmt: skip
+                                                       stride_vsd, tokens, present, V_BITS, GROUP_SIZE, HEAD_DIM)
     return key_codes, key_scale, key_min, value_codes, value_scale, value_min
 
 
@@ -207,7 +206,8 @@ def _load_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_s
     byte_columns = tl.arange(0, HEAD_DIM // lanes)
     codes = tl.load(codes_ptr + tokens[:, None] * stride_ct + byte_columns[None, :] * stride_cd, mask=valid, other=0)
     offsets = tokens[:, None] * stride_st + (byte_columns // (GROUP_SIZE // lanes))[None, :] * stride_sd
-    return codes, tl.load(scales_ptr + offsets, mask=valid, other=0.0), tl.load(mins_ptr + offsets, mask=valid, other=0.0)
+    scale = tl.load(scales_ptr + offsets, mask=valid, other=0.0)
+    return codes, scale, tl.load(mins_ptr + offsets, mask=valid, other=0.0)
 
 
 @triton.jit
