@@ -19,6 +19,7 @@ from kivi_helpers import poisoned_cache, relative_error
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import append_ref, store_prefill_ref
 from kivi_compile.kernels.cache_layout import QuantizedKV, dequantize_cache_ref
+from kivi_compile.kernels import decode_attention
 from kivi_compile.kernels.decode_attention import decode_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,6 +125,23 @@ def test_is_causal_uses_top_left_alignment():
     key = filled_cache(spec_k, 1, 2, 32, torch.float16, 40, [3])
     value = filled_cache(spec_v, 1, 2, 32, torch.float16, 40, [3])
     check(torch.randn(1, 2, 3, 32, device=DEVICE).half(), key, value, spec_k, spec_v, is_causal=True)
+
+
+def test_launches_after_the_first_skip_the_autotuner(monkeypatch):
+    """The first launch of a kind lets the autotuner pick the tile; later ones reuse it directly."""
+    monkeypatch.setattr(decode_attention, "_TUNED_CONFIGS", {})
+    spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
+    key = filled_cache(spec_k, 1, 2, 32, torch.float32, 70, [1])
+    value = filled_cache(spec_v, 1, 2, 32, torch.float32, 70, [1])
+    q = torch.randn(1, 4, 1, 32, device=DEVICE)
+    first = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
+    assert len(decode_attention._TUNED_CONFIGS) == 1
+
+    def autotuner_called(*args, **kwargs):
+        raise AssertionError("the autotuner ran again for a kind it has already tuned")
+
+    monkeypatch.setattr(decode_attention._decode_attention_kernel, "run", autotuner_called)
+    torch.testing.assert_close(decode_attention_triton(q, key, value, None, None, False, 2, 2, 16), first)
 
 
 def test_unsupported_inputs_are_named():
