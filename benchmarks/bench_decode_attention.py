@@ -30,7 +30,7 @@ from triton.testing import do_bench
 
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
-from kivi_compile.kernels.append import append_triton
+from kivi_compile.kernels.append import launch_append_kv
 from kivi_compile.kernels.cache_layout import read_lengths
 from kivi_compile.kernels.decode_attention import _decode_attention_kernel, decode_attention_ref, decode_attention_triton
 
@@ -93,7 +93,8 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
 
 
 def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32, layers=32) -> dict:
-    """One step's appends for all layers vs that step's attention, at T = ``seq_len``.
+    """One step's appends for all layers (one launch per layer for its K and V) vs that step's
+    attention, at T = ``seq_len``.
 
     Each timed append starts from set lengths: values always hold R + 1 residual tokens (the
     steady state: one token flushes per step); keys hold R / 2 (a typical step) or R (the step
@@ -120,9 +121,7 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
 
         def step() -> None:
             reset()
-            for cache in (key, value):
-                spec = cache.spec
-                append_triton(cache.kv, new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
+            launch_append_kv(key.kv, value.kv, new, new, bits, bits, group, RESIDUAL, key.spec.per_channel)
 
         return do_bench(step) - do_bench(reset)
 

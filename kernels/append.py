@@ -80,7 +80,9 @@ def store_prefill_ref(
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton: one program per (batch row, KV head) flushes its slice and writes the new tokens.
+# Triton: one program per (batch row, KV head) flushes its slice and writes the new tokens; a
+# layer's keys and values can share one launch (``_append_kv_kernel``: a second grid axis picks
+# the cache), which halves the launches, the host time a small batch's decode step waits on.
 #
 # Lengths are read on the device (no host synchronisation). Every program reads them first and
 # then takes a ticket (``lengths[TICKET]``); the program that draws the last ticket knows all
@@ -203,8 +205,8 @@ def _flush_values(
 
 
 @triton.jit
-def _append_kernel(
-    new_ptr, residual_ptr, codes_ptr, scales_ptr, mins_ptr, lengths_ptr,
+def _append_one(
+    pid, new_ptr, residual_ptr, codes_ptr, scales_ptr, mins_ptr, lengths_ptr,
     stride_nb, stride_nh, stride_nt, stride_nd,
     stride_rb, stride_rh, stride_rt, stride_rd,
     stride_cb, stride_ch, stride_ct, stride_cd,
@@ -213,7 +215,7 @@ def _append_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
+    """Program ``pid`` (one batch row and head, of ``tl.num_programs(0)``) of one cache's append."""
     batch, head = pid // heads, pid % heads
     n_quant = tl.load(lengths_ptr + 0)
     n_residual = tl.load(lengths_ptr + 1)
@@ -253,6 +255,54 @@ def _append_kernel(
         tl.store(lengths_ptr + 3, 0)
 
 
+@triton.jit
+def _append_kernel(
+    new_ptr, residual_ptr, codes_ptr, scales_ptr, mins_ptr, lengths_ptr,
+    stride_nb, stride_nh, stride_nt, stride_nd,
+    stride_rb, stride_rh, stride_rt, stride_rd,
+    stride_cb, stride_ch, stride_ct, stride_cd,
+    stride_sb, stride_sh, stride_st, stride_sd,
+    heads, capacity, n_new,
+    BITS: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    _append_one(tl.program_id(0), new_ptr, residual_ptr, codes_ptr, scales_ptr, mins_ptr, lengths_ptr,
+                stride_nb, stride_nh, stride_nt, stride_nd, stride_rb, stride_rh, stride_rt, stride_rd,
+                stride_cb, stride_ch, stride_ct, stride_cd, stride_sb, stride_sh, stride_st, stride_sd,
+                heads, capacity, n_new, BITS, GROUP, RESIDUAL, PER_CHANNEL, HEAD_DIM, BLOCK_T)  # fmt: skip
+
+
+@triton.jit
+def _append_kv_kernel(
+    k_new_ptr, k_residual_ptr, k_codes_ptr, k_scales_ptr, k_mins_ptr, k_lengths_ptr,
+    k_stride_nb, k_stride_nh, k_stride_nt, k_stride_nd,
+    k_stride_rb, k_stride_rh, k_stride_rt, k_stride_rd,
+    k_stride_cb, k_stride_ch, k_stride_ct, k_stride_cd,
+    k_stride_sb, k_stride_sh, k_stride_st, k_stride_sd,
+    v_new_ptr, v_residual_ptr, v_codes_ptr, v_scales_ptr, v_mins_ptr, v_lengths_ptr,
+    v_stride_nb, v_stride_nh, v_stride_nt, v_stride_nd,
+    v_stride_rb, v_stride_rh, v_stride_rt, v_stride_rd,
+    v_stride_cb, v_stride_ch, v_stride_ct, v_stride_cd,
+    v_stride_sb, v_stride_sh, v_stride_st, v_stride_sd,
+    heads, k_capacity, v_capacity, n_new,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP: tl.constexpr, RESIDUAL: tl.constexpr,
+    K_PER_CHANNEL: tl.constexpr, K_HEAD_DIM: tl.constexpr, V_HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    """Both appends of a layer in one launch (grid ``(B * H, 2)``: keys, then values), half the launches."""
+    if tl.program_id(1) == 0:
+        _append_one(tl.program_id(0), k_new_ptr, k_residual_ptr, k_codes_ptr, k_scales_ptr, k_mins_ptr, k_lengths_ptr,
+                    k_stride_nb, k_stride_nh, k_stride_nt, k_stride_nd, k_stride_rb, k_stride_rh, k_stride_rt,
+                    k_stride_rd, k_stride_cb, k_stride_ch, k_stride_ct, k_stride_cd, k_stride_sb, k_stride_sh,
+                    k_stride_st, k_stride_sd, heads, k_capacity, n_new,
+                    K_BITS, GROUP, RESIDUAL, K_PER_CHANNEL, K_HEAD_DIM, BLOCK_T)  # fmt: skip
+    else:
+        _append_one(tl.program_id(0), v_new_ptr, v_residual_ptr, v_codes_ptr, v_scales_ptr, v_mins_ptr, v_lengths_ptr,
+                    v_stride_nb, v_stride_nh, v_stride_nt, v_stride_nd, v_stride_rb, v_stride_rh, v_stride_rt,
+                    v_stride_rd, v_stride_cb, v_stride_ch, v_stride_ct, v_stride_cd, v_stride_sb, v_stride_sh,
+                    v_stride_st, v_stride_sd, heads, v_capacity, n_new,
+                    V_BITS, GROUP, RESIDUAL, False, V_HEAD_DIM, BLOCK_T)  # fmt: skip
+
+
 def triton_append_unsupported(kv: QuantizedKV, new: torch.Tensor, group_size: int) -> str | None:
     """Why the Triton append cannot take these inputs (None when it can)."""
     return triton_layout_unsupported(new.shape[-1], group_size, kv)
@@ -284,4 +334,45 @@ def launch_append(
         heads, kv.residual.shape[-2], n_new,
         BITS=bits, GROUP=group_size, RESIDUAL=residual_length, PER_CHANNEL=per_channel,
         HEAD_DIM=head_dim, BLOCK_T=16,
+    )  # fmt: skip
+
+
+def append_kv_ref(
+    key: QuantizedKV,
+    value: QuantizedKV,
+    new_key: torch.Tensor,
+    new_value: torch.Tensor,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    residual_length: int,
+    key_per_channel: bool,
+) -> None:
+    """:func:`append_ref` of a layer's keys and values (values are grouped per token)."""
+    append_ref(key, new_key, key_bits, group_size, residual_length, key_per_channel)
+    append_ref(value, new_value, value_bits, group_size, residual_length, per_channel=False)
+
+
+def launch_append_kv(
+    key: QuantizedKV,
+    value: QuantizedKV,
+    new_key: torch.Tensor,
+    new_value: torch.Tensor,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    residual_length: int,
+    key_per_channel: bool,
+) -> None:
+    """Triton :func:`append_kv_ref` in one launch, for inputs :func:`triton_append_unsupported`
+    already accepted on both sides (the op checks them)."""
+    batch, heads, n_new, _ = new_key.shape
+    _append_kv_kernel[(batch * heads, 2)](
+        new_key, key.residual, key.codes, key.scales, key.mins, key.lengths,
+        *new_key.stride(), *key.residual.stride(), *key.codes.stride(), *key.scales.stride(),
+        new_value, value.residual, value.codes, value.scales, value.mins, value.lengths,
+        *new_value.stride(), *value.residual.stride(), *value.codes.stride(), *value.scales.stride(),
+        heads, key.residual.shape[-2], value.residual.shape[-2], n_new,
+        K_BITS=key_bits, V_BITS=value_bits, GROUP=group_size, RESIDUAL=residual_length,
+        K_PER_CHANNEL=key_per_channel, K_HEAD_DIM=new_key.shape[-1], V_HEAD_DIM=new_value.shape[-1], BLOCK_T=16,
     )  # fmt: skip

@@ -295,7 +295,8 @@ def _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch,
              mask=row_valid[:, None])  # fmt: skip
 
 
-@triton.autotune(configs=_configs(), key=["HEAD_DIM", "GROUP", "Q_LEN", "K_BITS", "V_BITS", "GROUP_SIZE", "SINGLE_SPLIT"])
+@triton.autotune(configs=_configs(),
+                 key=["HEAD_DIM", "GROUP", "Q_LEN", "K_BITS", "V_BITS", "GROUP_SIZE", "SINGLE_SPLIT"])  # fmt: skip
 @triton.jit
 def _decode_attention_kernel(
     q_ptr, stride_qb, stride_qh, stride_qn, stride_qd,

@@ -3,7 +3,7 @@
 - Prefill (dense ``past``): attention stays full precision; the cache the graph returns is marked
   to be quantized by the runtime into a ``KiviCacheTensor`` as it leaves the graph.
 - Decode (``KiviCacheTensor`` past): the cache placeholder is flattened into its five buffers; the
-  two ``cat`` appends become ``kivi::append_`` (quantize-on-append, in place) and the SDPA call
+  two ``cat`` appends become one ``kivi::append_kv_`` (quantize-on-append, in place) and the SDPA call
   (with its GQA expansion) becomes ``kivi::decode_attention`` over quantized ++ residual. The
   runtime rebuilds the returned caches from the same buffers.
 
@@ -129,12 +129,21 @@ def _rewrite_decode(graph: torch.fx.Graph, site: SiteMatch, states: dict[str, li
     call = site.call
     attention = call.anchor
     with graph.inserting_before(attention):
-        for side, spec in ((site.key, key_spec), (site.value, value_spec)):
-            append = graph.call_function(
-                torch.ops.kivi.append_.default,
-                (*states[side.past.name], side.new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel),
-            )
-            append.meta["stack_trace"] = attention.meta.get("stack_trace")
+        append = graph.call_function(
+            torch.ops.kivi.append_kv_.default,
+            (
+                *states[site.key.past.name],
+                *states[site.value.past.name],
+                site.key.new,
+                site.value.new,
+                key_spec.bits,
+                value_spec.bits,
+                key_spec.group_size,
+                key_spec.residual_length,
+                key_spec.per_channel,
+            ),
+        )
+        append.meta["stack_trace"] = attention.meta.get("stack_trace")
         fused = graph.call_function(
             torch.ops.kivi.decode_attention.default,
             (
@@ -172,8 +181,11 @@ def _decode_miss(site: SiteMatch, readers: dict[str, SizeReader | None]) -> str 
             return "the number of appended tokens cannot be derived from the graph inputs"
         if any(user is not side.cat and not _is_dead_size_query(user) for user in side.past.users):
             return "the KIVI cache is read by more than this append"
-    if fake_value(site.key.past).spec.group_size != fake_value(site.value.past).spec.group_size:
+    key_spec, value_spec = fake_value(site.key.past).spec, fake_value(site.value.past).spec
+    if key_spec.group_size != value_spec.group_size:
         return "key and value caches use different group sizes"
+    if key_spec.residual_length != value_spec.residual_length:
+        return "key and value caches use different residual lengths"
     return None
 
 

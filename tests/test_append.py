@@ -12,7 +12,7 @@ import torch
 from kivi_helpers import poisoned_cache
 
 from kivi_compile.config import CacheSpec
-from kivi_compile.kernels.append import append_ref, append_triton, store_prefill_ref
+from kivi_compile.kernels.append import append_kv_ref, append_ref, append_triton, launch_append_kv, store_prefill_ref
 from kivi_compile.kernels.cache_layout import QuantizedKV, read_lengths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,3 +75,30 @@ def test_triton_append_matches_reference(per_channel, bits, group, residual, pro
 def test_triton_append_matches_reference_at_real_sizes(per_channel, bits, dtype):
     spec = CacheSpec(per_channel, bits, 32, 128)
     run_appends(spec, batch=4, heads=32, head_dim=128, dtype=dtype, prompt=301, steps=[1] * 130 + [5, 1, 7])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("key_bits", "value_bits", "key_per_channel"), [(2, 2, True), (4, 2, True), (8, 4, False)])
+def test_one_launch_appends_keys_and_values_like_the_reference(key_bits, value_bits, key_per_channel, dtype):
+    """``launch_append_kv`` (grid ``(B * H, 2)``) leaves both caches as two reference appends do,
+    values with another head dim than keys, through key flushes and the values' sliding window."""
+    group, residual, prompt, steps = 8, 16, 11, [1] * 18 + [3, 1]
+    key_spec = CacheSpec(key_per_channel, key_bits, group, residual)
+    value_spec = CacheSpec(False, value_bits, group, residual)
+    capacity = residual + max(steps) + residual - 1
+    quant_tokens = -(-(prompt + sum(steps)) // group) * group + group
+    expected = []
+    for spec, head_dim in ((key_spec, 32), (value_spec, 16)):
+        kv = poisoned_cache(spec, 2, 3, head_dim, dtype, quant_tokens, capacity, DEVICE)
+        store_prefill_ref(kv, torch.randn(2, 3, prompt, head_dim, device=DEVICE).to(dtype), spec.bits, group, residual,
+                          spec.per_channel)  # fmt: skip
+        expected.append(kv)
+    actual = [clone(kv) for kv in expected]
+    for index, n_new in enumerate(steps):
+        new_key = torch.randn(2, 3, n_new, 32, device=DEVICE).to(dtype)
+        new_value = torch.randn(2, 3, n_new, 16, device=DEVICE).to(dtype)
+        append_kv_ref(*expected, new_key, new_value, key_bits, value_bits, group, residual, key_per_channel)
+        launch_append_kv(*actual, new_key, new_value, key_bits, value_bits, group, residual, key_per_channel)
+        for role, a, e in zip(("keys", "values"), actual, expected):
+            assert_same_cache(a, e, f"step {index}, {role} (lengths {read_lengths(e)})")
+    assert all(read_lengths(kv)[0] > 0 for kv in expected)

@@ -52,7 +52,7 @@ def test_no_diff_and_forced_colour(capsys):
     assert "\033[32myes\033[0m" in out and "transformer.h.0.attn" in out
 
     code, out, _ = run(capsys, "--arch", "gpt2", "--layers", "1", "--color", "always")
-    assert "\033[32m+    append__default = torch.ops.kivi.append_.default(" in out
+    assert "\033[32m+    append_kv__default = torch.ops.kivi.append_kv_.default(" in out
 
 
 def test_markdown_report(capsys):
@@ -80,8 +80,8 @@ def test_json_report_parses_round_trips_and_carries_the_config(capsys):
     assert (decode["phase"], decode["rewritten"], decode["fp16_bytes_per_token"], decode["kivi_bytes_per_token"]) == (
         "decode", True, 256, 80,
     )  # fmt: skip
-    # The settings reach the rewritten graph: the key append gets bits, G, R and per_channel=False.
-    assert "k_embed, 4, 16, 32, False)" in data["graphs"][1]["code_after"]
+    # The settings reach the rewritten graph: the append gets both bits, G, R and key per_channel=False.
+    assert "k_embed, value_states, 4, 2, 16, 32, False)" in data["graphs"][1]["code_after"]
     assert "(keys per token)" in Report.from_dict(data).headline()
 
 

@@ -65,7 +65,7 @@ def test_llama_prefill_and_decode_sites():
     assert "+    l_kwargs_past_key_values_layers_0_keys_codes," in diff
     assert "-    keys = torch.cat([l_kwargs_past_key_values_layers_0_keys, k_embed], dim = -2)" in diff
     assert diff.count("= torch.ops.kivi.decode_attention.default(") == 2  # one per layer
-    assert diff.count("= torch.ops.kivi.append_.default(") == 4  # keys and values per layer
+    assert diff.count("= torch.ops.kivi.append_kv_.default(") == 2  # keys and values together, per layer
     assert "+    key_validity = kivi_compile_padding_key_validity(" in diff  # prefill: pads kept out of key groups
 
 

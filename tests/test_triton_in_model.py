@@ -30,10 +30,10 @@ def triton_calls(monkeypatch) -> Counter:
 
         return call
 
-    for name in ("launch_append", "launch_decode_attention"):
+    for name in ("launch_append_kv", "launch_decode_attention"):
         monkeypatch.setattr(ops, name, counted(name))
     with torch.library._scoped_library("kivi", "IMPL") as lib:
-        lib.impl("append_", ops.append_cuda_, "CPU")
+        lib.impl("append_kv_", ops.append_kv_cuda_, "CPU")
         lib.impl("decode_attention", ops.decode_attention_cuda, "CPU")
         yield calls
 
@@ -50,5 +50,5 @@ def test_compiled_model_with_triton_kernels_follows_the_simulation(triton_calls,
     assert result.backend.graphs_compiled <= 4
     decode_steps = 24 - 1  # the first new token comes from the prefill, which attends densely
     layers = model.config.num_hidden_layers
-    calls_per_kernel = {"launch_decode_attention": layers * decode_steps, "launch_append": 2 * layers * decode_steps}
+    calls_per_kernel = {"launch_decode_attention": layers * decode_steps, "launch_append_kv": layers * decode_steps}
     assert triton_calls == calls_per_kernel
