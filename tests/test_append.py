@@ -77,28 +77,44 @@ def test_triton_append_matches_reference_at_real_sizes(per_channel, bits, dtype)
     run_appends(spec, batch=4, heads=32, head_dim=128, dtype=dtype, prompt=301, steps=[1] * 130 + [5, 1, 7])
 
 
+def run_fused_appends(key_spec, value_spec, *, batch, heads, key_dim, value_dim, dtype, prompt, steps):
+    """Prefill both caches, then append ``steps`` with two reference appends and one fused launch."""
+    group, residual = key_spec.group_size, key_spec.residual_length
+    capacity = residual + max(steps) + residual - 1
+    quant_tokens = -(-(prompt + sum(steps)) // group) * group + group
+    expected = []
+    for spec, head_dim in ((key_spec, key_dim), (value_spec, value_dim)):
+        kv = poisoned_cache(spec, batch, heads, head_dim, dtype, quant_tokens, capacity, DEVICE)
+        dense = torch.randn(batch, heads, prompt, head_dim, device=DEVICE).to(dtype)
+        store_prefill_ref(kv, dense, spec.bits, group, residual, spec.per_channel)
+        expected.append(kv)
+    actual = [clone(kv) for kv in expected]
+    bits = (key_spec.bits, value_spec.bits, group, residual, key_spec.per_channel)
+    for index, n_new in enumerate(steps):
+        new_key = torch.randn(batch, heads, n_new, key_dim, device=DEVICE).to(dtype)
+        new_value = torch.randn(batch, heads, n_new, value_dim, device=DEVICE).to(dtype)
+        append_kv_ref(*expected, new_key, new_value, *bits)
+        launch_append_kv(*actual, new_key, new_value, *bits)
+        for role, a, e in zip(("keys", "values"), actual, expected):
+            assert_same_cache(a, e, f"step {index}, {role} (lengths {read_lengths(e)})")
+    assert all(read_lengths(kv)[0] > 0 for kv in expected)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("key_bits", "value_bits", "key_per_channel"), [(2, 2, True), (4, 2, True), (8, 4, False)])
 def test_one_launch_appends_keys_and_values_like_the_reference(key_bits, value_bits, key_per_channel, dtype):
     """``launch_append_kv`` (grid ``(B * H, 2)``) leaves both caches as two reference appends do,
     values with another head dim than keys, through key flushes and the values' sliding window."""
-    group, residual, prompt, steps = 8, 16, 11, [1] * 18 + [3, 1]
-    key_spec = CacheSpec(key_per_channel, key_bits, group, residual)
-    value_spec = CacheSpec(False, value_bits, group, residual)
-    capacity = residual + max(steps) + residual - 1
-    quant_tokens = -(-(prompt + sum(steps)) // group) * group + group
-    expected = []
-    for spec, head_dim in ((key_spec, 32), (value_spec, 16)):
-        kv = poisoned_cache(spec, 2, 3, head_dim, dtype, quant_tokens, capacity, DEVICE)
-        store_prefill_ref(kv, torch.randn(2, 3, prompt, head_dim, device=DEVICE).to(dtype), spec.bits, group, residual,
-                          spec.per_channel)  # fmt: skip
-        expected.append(kv)
-    actual = [clone(kv) for kv in expected]
-    for index, n_new in enumerate(steps):
-        new_key = torch.randn(2, 3, n_new, 32, device=DEVICE).to(dtype)
-        new_value = torch.randn(2, 3, n_new, 16, device=DEVICE).to(dtype)
-        append_kv_ref(*expected, new_key, new_value, key_bits, value_bits, group, residual, key_per_channel)
-        launch_append_kv(*actual, new_key, new_value, key_bits, value_bits, group, residual, key_per_channel)
-        for role, a, e in zip(("keys", "values"), actual, expected):
-            assert_same_cache(a, e, f"step {index}, {role} (lengths {read_lengths(e)})")
-    assert all(read_lengths(kv)[0] > 0 for kv in expected)
+    key_spec, value_spec = CacheSpec(key_per_channel, key_bits, 8, 16), CacheSpec(False, value_bits, 8, 16)
+    run_fused_appends(key_spec, value_spec, batch=2, heads=3, key_dim=32, value_dim=16, dtype=dtype, prompt=11,
+                      steps=[1] * 18 + [3, 1])  # fmt: skip
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(("key_bits", "value_bits"), [(2, 2), (4, 4)])
+def test_one_launch_appends_keys_and_values_at_real_sizes(key_bits, value_bits, dtype):
+    key_spec, value_spec = CacheSpec(True, key_bits, 32, 128), CacheSpec(False, value_bits, 32, 128)
+    run_fused_appends(key_spec, value_spec, batch=4, heads=8, key_dim=128, value_dim=128, dtype=dtype, prompt=301,
+                      steps=[1] * 130 + [5, 1, 7])  # fmt: skip
