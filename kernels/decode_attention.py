@@ -172,14 +172,14 @@ def _value_channel_order(HEAD_DIM: tl.constexpr, VALUE_LANES: tl.constexpr):
 def _load_quantized_block(
     kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
     vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-    block_start, present, channels,
+    block_start, present, channels, block_order,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Raw loads of one block quantized on both sides (nothing when ``present`` is False): key bytes
     ``[BLOCK_N / Pk, D]`` with their scales/mins (``[D]``, or per byte row when the block spans key
-    groups), value bytes ``[BLOCK_N, D / Pv]`` (rows in :func:`_block_token_order`) with a scale/min
-    per byte."""
+    groups), value bytes ``[BLOCK_N, D / Pv]`` (rows in ``block_order``, the kernel's
+    :func:`_block_token_order`) with a scale/min per byte."""
     key_lanes: tl.constexpr = 8 // K_BITS
     present = tl.full([1, 1], 1, tl.int1) & present  # a tensor also where ``present`` is a Python bool
     key_rows = tl.arange(0, BLOCK_N // key_lanes)
@@ -192,7 +192,7 @@ def _load_quantized_block(
         key_offsets = key_groups[:, None] * stride_kst + channels[None, :] * stride_ksd
     key_scale = tl.load(ks_ptr + key_offsets, mask=present, other=0.0)
     key_min = tl.load(km_ptr + key_offsets, mask=present, other=0.0)
-    tokens = block_start + _block_token_order(BLOCK_N, key_lanes)
+    tokens = block_start + block_order
     value_codes, value_scale, value_min = _load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst,
                                                        stride_vsd, tokens, present, V_BITS, GROUP_SIZE, HEAD_DIM)
     return key_codes, key_scale, key_min, value_codes, value_scale, value_min
@@ -358,13 +358,14 @@ def _decode_attention_kernel(
     quantized_end = tl.minimum(last, both_quantized_end)
     next_block = _load_quantized_block(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
                                        vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                       first, first < quantized_end, channels,
+                                       first, first < quantized_end, channels, block_order,
                                        K_BITS, V_BITS, GROUP_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
     for block_start in range(first, quantized_end, BLOCK_N):
         block = next_block  # loaded one iteration ahead, so two blocks' loads are in flight
         next_block = _load_quantized_block(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
                                            vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-                                           block_start + BLOCK_N, block_start + BLOCK_N < quantized_end, channels,
+                                           block_start + BLOCK_N, block_start + BLOCK_N < quantized_end,
+                                           channels, block_order,
                                            K_BITS, V_BITS, GROUP_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
         keys, values = _dequantize_block(*block, K_BITS, V_BITS, BLOCK_N, HEAD_DIM)
         acc, row_max, row_sum = _attend(q, keys, values, block_start + block_order, all_valid, acc, row_max,
