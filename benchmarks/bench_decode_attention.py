@@ -32,7 +32,8 @@ from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels.append import launch_append_kv
 from kivi_compile.kernels.cache_layout import read_lengths
-from kivi_compile.kernels.decode_attention import _decode_attention_kernel, decode_attention_ref, decode_attention_triton
+from kivi_compile.kernels import decode_attention
+from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 
 RESIDUAL = 128
 # (B, H, Hkv, D, T, bits, G): the acceptance shapes first, then the trend in T and G.
@@ -78,13 +79,14 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
+    decode_attention._TUNED_CONFIGS.clear()  # each shape is timed with the tile fastest for it
     triton_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
     ref_ms = None
     if seq_len <= ref_max_tokens:
         ref_ms = do_bench(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
                           warmup=5, rep=50)  # fmt: skip
     kivi_bytes = used_bytes(key) + used_bytes(value)
-    tile = _decode_attention_kernel.best_config  # the autotuner's pick for this shape
+    (tile,) = decode_attention._TUNED_CONFIGS.values()
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,

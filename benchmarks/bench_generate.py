@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -96,22 +97,45 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def run_once(method: Method, batch: int, prompt_len: int, new_tokens: int, device: str) -> tuple[float, int]:
-    """(seconds, peak bytes) of one ``generate`` of ``new_tokens`` for ``batch`` prompts."""
+class StepTimes:
+    """A ``generate`` streamer that stamps each token's arrival. HF hands it the prompt, then each
+    step's tokens (copied to the host, so a stamp follows the step's GPU work), so the gaps between
+    stamps are the decode steps: their median is the steady state, their maximum shows one-time
+    costs inside the run (a kernel compiled or tuned for a new shape, a cache growing)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+    def decode_step_ms(self) -> list[float]:
+        return [(later - earlier) * 1e3 for earlier, later in zip(self.stamps[1:], self.stamps[2:])]
+
+
+def run_once(
+    method: Method, batch: int, prompt_len: int, new_tokens: int, device: str
+) -> tuple[float, int, list[float]]:
+    """(seconds, peak bytes, decode step milliseconds) of one ``generate`` of ``new_tokens`` for ``batch``
+    prompts."""
     prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    steps = StepTimes()
     synchronize(device)
     start = time.perf_counter()
     method.model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, **method.generate_kwargs(),
+        do_sample=False, pad_token_id=0, streamer=steps, **method.generate_kwargs(),
     )  # fmt: skip
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return seconds, peak
+    return seconds, peak, steps.decode_step_ms()
 
 
 def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
@@ -121,16 +145,20 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
                 run_once(method, batch, args.prompt, 4, args.device)  # warm-up: compiles the graphs
-                seconds, peak = run_once(method, batch, args.prompt, args.new, args.device)
+                seconds, peak, step_ms = run_once(method, batch, args.prompt, args.new, args.device)
             except torch.OutOfMemoryError:
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
                 yield dict(method=method.name, batch=batch, oom=True)
                 return
             graphs = method.backend.graphs_compiled - compiled_before if method.backend else None
             row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
-                       tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs)  # fmt: skip
+                       tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs,
+                       median_step_ms=statistics.median(step_ms), slowest_step_ms=max(step_ms),
+                       slowest_step=step_ms.index(max(step_ms)) + 1)  # fmt: skip
             print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
-                  f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}", flush=True)  # fmt: skip
+                  f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}, decode step median "
+                  f"{row['median_step_ms']:.1f} ms, slowest {row['slowest_step_ms']:.1f} ms "
+                  f"(step {row['slowest_step']})", flush=True)  # fmt: skip
             yield row
 
 
@@ -150,13 +178,15 @@ def table(rows: list[dict]) -> str:
     lines = []
     for r in rows:
         if r["oom"]:
-            lines.append([r["method"], r["batch"], "OOM", "", "", "", ""])
+            lines.append([r["method"], r["batch"], "OOM", "", "", "", "", "", ""])
             continue
         same = r["tokens_per_second"] / baseline[r["batch"]] if r["batch"] in baseline else float("nan")
         lines.append([r["method"], r["batch"], f"{r['tokens_per_second']:.1f}", f"{r['peak_gib']:.2f}",
-                      r["graphs"] if r["graphs"] is not None else "-", f"{same:.2f}",
+                      r["graphs"] if r["graphs"] is not None else "-", f"{r['median_step_ms']:.1f}",
+                      f"{r['slowest_step_ms']:.1f}", f"{same:.2f}",
                       f"{r['tokens_per_second'] / best_baseline:.2f}"])  # fmt: skip
-    headers = ["method", "batch", "tok/s", "peak GiB", "graphs (warm-up incl.)", "x fp16 same batch", "x fp16 best batch"]
+    headers = ["method", "batch", "tok/s", "peak GiB", "graphs (warm-up incl.)", "median step ms", "slowest step ms",
+               "x fp16 same batch", "x fp16 best batch"]  # fmt: skip
     return tabulate(lines, headers=headers, tablefmt="github")
 
 

@@ -30,7 +30,7 @@ step() {  # step NAME SECONDS COMMAND...: run, keep the whole log, show its tail
 # -P: the repository root stays off sys.path, so its kernels/ folder is not importable as `kernels`.
 default_tests="-m gpu tests/test_gpu_end_to_end.py tests/test_decode_attention.py tests/test_append.py"
 # shellcheck disable=SC2086  # TESTS is a word list
-step pytest "${TEST_S:-170}" python3 -P -m pytest -q -p no:cacheprovider -p no:logging --durations=8 ${TESTS:-$default_tests} ${TEST_FILTER:+-k "$TEST_FILTER"}
+step pytest "${TEST_S:-300}" python3 -P -m pytest -q -p no:cacheprovider -p no:logging --durations=8 ${TESTS:-$default_tests} ${TEST_FILTER:+-k "$TEST_FILTER"}
 step decode_attention "${DECODE_S:-150}" python3 benchmarks/bench_decode_attention.py --out "$out/decode_attention"
 [ $# -gt 0 ] || set -- 1 256
 for batches in "$@"; do

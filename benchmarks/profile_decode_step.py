@@ -24,7 +24,7 @@ from bench_generate import SHAPES, Method, build_model
 
 KINDS = (  # first match wins: (kind, substrings of the kernel name)
     ("kivi attention", ("_decode_attention_kernel", "_combine_splits_kernel")),
-    ("kivi append", ("_append_kernel",)),
+    ("kivi append", ("_append_kernel", "_append_kv_kernel")),
     ("matmul", ("gemm", "sm90_", "cutlass", "nvjet", "xmma", "splitk")),
     ("sdpa", ("flash", "fmha", "attention")),
     ("cache concat", ("CatArrayBatchedCopy",)),
