@@ -46,8 +46,7 @@ class SpecializationSpy:
 
     def __init__(self, kernel) -> None:
         self.kernel = kernel
-        # the decorator's list: an attribute of a compiled kernel, a keyword kept by the interpreter's
-        self.unspecialized = getattr(kernel, "do_not_specialize", None) or kernel.kwargs["do_not_specialize"] or ()
+        self.unspecialized = kernel.kwargs["do_not_specialize"] or ()  # the interpreter keeps the decorator's keywords
         self.names = list(inspect.signature(kernel.fn).parameters)
         self.variants: list[tuple] = []
 
