@@ -10,7 +10,9 @@ batch size until it runs out of memory:
   with G=32, R=128.
 
 Tokens per second count generated tokens (batch x new tokens) over the whole ``generate`` call,
-prompt included, after a short warm-up call that compiles the graphs. Prints a tabulate table with
+prompt included, after a warm-up call that compiles the graphs (4 new tokens; ``--warmup-new`` equal
+to ``--new`` also keeps each sequence length's one-time costs out of the timed call, for both
+methods). The median and slowest decode steps are reported too. Prints a tabulate table with
 the ratio to the fp16 baseline at the same batch size and at each method's best batch, and writes
 JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
 
@@ -144,7 +146,7 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
         for batch in batches:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
-                run_once(method, batch, args.prompt, 4, args.device)  # warm-up: compiles the graphs
+                run_once(method, batch, args.prompt, args.warmup_new, args.device)  # compiles the graphs
                 seconds, peak, step_ms = run_once(method, batch, args.prompt, args.new, args.device)
             except torch.OutOfMemoryError:
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
@@ -228,6 +230,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--prompt", type=int, default=160)
     parser.add_argument("--new", type=int, default=338)
+    parser.add_argument("--warmup-new", type=int, default=4,
+                        help="new tokens of the warm-up generate; --new also excludes every one-time cost of a "
+                             "sequence length (kernel variants, plans) from the timed run")  # fmt: skip
     parser.add_argument("--batches", nargs="+", default=["1,16,64,96,128,192,256,384,512"],
                         help="comma-separated batch sizes for every method; METHOD=b1,b2 overrides one method's")  # fmt: skip
     parser.add_argument("--methods", default="fp16,quanto,kivi-k2v2,kivi-k4v4")
@@ -240,8 +245,8 @@ def main() -> None:
     batches = batch_lists(args.batches)
     names = [n for n in args.methods.split(",") if n != "quanto" or quanto_available()]
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    header = (f"{args.shape} ({dtype}), prompt {args.prompt} + {args.new} new tokens, on {device_name}; "
-              f"torch {torch.__version__}, kivi compiler {args.compiler}")  # fmt: skip
+    header = (f"{args.shape} ({dtype}), prompt {args.prompt} + {args.new} new tokens (warm-up {args.warmup_new}), "
+              f"on {device_name}; torch {torch.__version__}, kivi compiler {args.compiler}")  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
