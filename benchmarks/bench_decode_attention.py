@@ -79,18 +79,18 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
-    decode_attention._TUNED_CONFIGS.clear()  # each shape is timed with the tile fastest for it
+    decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
     triton_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
     ref_ms = None
     if seq_len <= ref_max_tokens:
         ref_ms = do_bench(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
                           warmup=5, rep=50)  # fmt: skip
     kivi_bytes = used_bytes(key) + used_bytes(value)
-    (tile,) = decode_attention._TUNED_CONFIGS.values()
+    (plan,) = decode_attention._TUNED_PLANS.values()
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,
-                tile=f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}s{tile.num_stages}r{tile.maxnreg}", bytes_ratio=sdpa_bytes / kivi_bytes,
+                plan=str(plan), bytes_ratio=sdpa_bytes / kivi_bytes,
                 speedup=sdpa_ms / triton_ms)  # fmt: skip
 
 
@@ -176,7 +176,7 @@ def main() -> None:
         print(f"{shape}: sdpa {row['sdpa_ms']:.3f} ms, triton {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}", flush=True)
         rows.append(row)
     headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "triton_ms", "sdpa_gbps",
-               "triton_gbps", "of_copy", "tile", "bytes_ratio", "speedup"]  # fmt: skip
+               "triton_gbps", "of_copy", "plan", "bytes_ratio", "speedup"]  # fmt: skip
     print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, floatfmt=".3f"))
     append = bench_append()
     print(tabulate([append.values()], headers=list(append), floatfmt=".4f"))

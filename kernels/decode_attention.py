@@ -24,6 +24,8 @@ import functools
 import logging
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -107,10 +109,14 @@ GRANULE = 64  # tokens; the sequence is split between programs in whole granules
 # one more launch: host time, which is what a small batch's decode step waits on.
 MIN_GRANULES_PER_SPLIT = 8
 # Programs wanted per multiprocessor when the sequence is split (4 beat 2 on the H200: B=8, T=32k,
-# 2-bit, 1.27 vs 1.39 ms); more programs keep more loads in flight.
+# 2-bit, 1.27 vs 1.39 ms); more programs keep more loads in flight. A tile whose register cap lets
+# more programs share a multiprocessor is also tried split for all of them (:func:`_plans`).
 PROGRAMS_PER_MULTIPROCESSOR = 4
-# Tiles whose result differs from the median of all tiles' by more than this are not used
-# (:func:`_agreeing_configs`).
+REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
+# The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
+MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
+# Plans whose result differs from the median of all plans' by more than this are not used
+# (:func:`_agreeing_plans`).
 TILE_DISAGREEMENT = 1e-2
 
 
@@ -122,8 +128,10 @@ def _configs() -> list[triton.Config]:
     # None spills in the main loop. No cap of 96 registers: compiled for the H200 (Triton 3.6), both
     # such tiles gave wrong results that the interpreter does not give (relative error 0.02-0.89):
     # (32, 4, 96) at head_dim 32 in the loop over mixed blocks (the same tile capped at 128 was
-    # right), (16, 4, 96) at all five shapes of the real-size test.
-    shapes = ((32, 4, 128), (32, 2, 168), (64, 8, 128))
+    # right), (16, 4, 96) at all five shapes of the real-size test. (16, 2, 128): 8 programs fit on a
+    # multiprocessor, against 6 of (32, 2, 168) and 4 of (32, 4, 128). (64, 8, 128) was never the
+    # fastest tile in the 14 cases (7 shapes, fp16 and bf16) of an A/B on the H200 (2026-12-02).
+    shapes = ((32, 4, 128), (32, 2, 168), (16, 2, 128))
     # Two pipeline stages won no shape on the H100 (tried at 16-64 tokens, 4-8 warps).
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
@@ -487,73 +495,93 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def _num_splits(programs: int, granules: int, device: torch.device) -> int:
-    """Enough splits of the sequence for ``PROGRAMS_PER_MULTIPROCESSOR`` programs per multiprocessor."""
-    wanted = -(-PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device) // programs)
-    return max(1, min(wanted, granules // MIN_GRANULES_PER_SPLIT))
+class _Plan(NamedTuple):
+    """How to launch: a tile, and how many of its programs a split sequence puts on each multiprocessor."""
+
+    tile: triton.Config
+    programs_per_multiprocessor: int
+
+    def __str__(self) -> str:
+        tile = self.tile
+        return (f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}s{tile.num_stages}r{tile.maxnreg}"
+                f"p{self.programs_per_multiprocessor}")  # fmt: skip
+
+
+def _plans() -> list[_Plan]:
+    """Each tile split for ``PROGRAMS_PER_MULTIPROCESSOR`` programs per multiprocessor and, when its
+    register cap lets more share one, for as many as fit: one full wave with more warps to hide latency."""
+    plans = []
+    for tile in _configs():
+        fitting = PROGRAMS_PER_MULTIPROCESSOR
+        if tile.maxnreg is not None:
+            fitting = REGISTERS_PER_MULTIPROCESSOR // (tile.maxnreg * 32 * tile.num_warps)
+        fitting = min(max(PROGRAMS_PER_MULTIPROCESSOR, fitting), MOST_PROGRAMS_PER_MULTIPROCESSOR)
+        for per_multiprocessor in sorted({PROGRAMS_PER_MULTIPROCESSOR, fitting}):
+            plans.append(_Plan(tile, per_multiprocessor))
+    return plans
+
+
+def _num_splits(programs: int, max_splits: int, per_multiprocessor: int, device: torch.device) -> int:
+    """Enough splits of the sequence for ``per_multiprocessor`` programs per multiprocessor."""
+    wanted = -(-per_multiprocessor * _multiprocessors(device) // programs)
+    return max(1, min(wanted, max_splits))
+
+
+def _power_of_4_class(count: int) -> int:
+    return count.bit_length() // 2
 
 
 def _work_class(programs: int, device: torch.device) -> int:
-    """How many programs share a multiprocessor, in powers of 4. The fastest tile depends on it: a
-    grid of 32 programs (B=1) waits on each program's latency, one of 3,072 (B=96) on throughput.
-    A decode step's grid keeps its class from step to step, so tiles are timed rarely."""
-    return (-(-programs // _multiprocessors(device))).bit_length() // 2
+    """How many programs share a multiprocessor before the sequence is split, in powers of 4. The
+    fastest plan depends on it: a grid of 32 programs (B=1) waits on each program's latency, one of
+    3,072 (B=96) on throughput. A decode step's grid keeps its class from step to step."""
+    return _power_of_4_class(-(-programs // _multiprocessors(device)))
 
 
-# The fastest tile for each tuning key (the kernel's shape constexprs, the tensors' dtypes and the
-# work class). Launches after the first of a key call the kernel directly: Triton's autotuner scans
-# the ~60 arguments on every call (0.19 ms of host time per launch under cProfile on the GPU machine,
-# 6 ms of a batch-1 decode step of a 32-layer model), and its key cannot hold the work class.
-_TUNED_CONFIGS: dict[tuple, triton.Config] = {}
+# The fastest plan for each tuning key (the kernel's shape constexprs, the tensors' dtypes, the work
+# class and the splits of the plan that splits most, in powers of 4). Launches after the first of a key launch directly:
+# Triton's autotuner scans the ~60 arguments on every call (0.19 ms of host time per launch under
+# cProfile on the GPU machine, 6 ms of a batch-1 decode step of a 32-layer model), and it can tune
+# neither the split nor on the grid.
+_TUNED_PLANS: dict[tuple, _Plan] = {}
 
 
-def _launch_tuned(grid: tuple[int, ...], tuning_key: tuple, written: torch.Tensor, *args, **constexprs) -> None:
-    """Launch with the fastest tile that agrees with the others for this key, chosen at its first launch.
-    ``written`` is the buffer the kernel fills (the output, or the partial accumulators)."""
-    config = _TUNED_CONFIGS.get(tuning_key)
-    if config is None:
-        config = _TUNED_CONFIGS[tuning_key] = _fastest_config(grid, args, constexprs, written)
-    _decode_attention_kernel[grid](*args, **constexprs, **config.all_kwargs())
+def _fastest_plan(launch: Callable[[_Plan], None], out: torch.Tensor) -> _Plan:
+    """The agreeing plan with the lowest median time of a whole launch (split kernel and combine)."""
+    plans = _plans()
+    if len(plans) == 1:
+        return plans[0]
+    plans = _agreeing_plans(plans, launch, out)
+    return min(plans, key=lambda plan: triton.testing.do_bench(lambda: launch(plan)))
 
 
-def _fastest_config(grid: tuple[int, ...], args: tuple, constexprs: dict, written: torch.Tensor) -> triton.Config:
-    """The agreeing config with the lowest median time on these inputs (each launch overwrites the same outputs)."""
-    configs = _configs()
-    if len(configs) == 1:
-        return configs[0]
-    configs = _agreeing_configs(configs, grid, args, constexprs, written)
-    return min(configs, key=lambda config: triton.testing.do_bench(
-        lambda: _decode_attention_kernel[grid](*args, **constexprs, **config.all_kwargs())))  # fmt: skip
+def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: torch.Tensor) -> list[_Plan]:
+    """The plans that compile and whose output agrees with the elementwise median of all outputs.
 
-
-def _agreeing_configs(configs: list[triton.Config], grid: tuple[int, ...], args: tuple, constexprs: dict,
-                      written: torch.Tensor) -> list[triton.Config]:  # fmt: skip
-    """The configs that compile and whose ``written`` agrees with the elementwise median of all results.
-
-    A guard against miscompiled tiles (two, see :func:`_configs`): correct tiles differ only in the
-    order of their sums. A tile that disagrees is left out with a warning instead of answering wrongly.
+    A guard against miscompiled tiles (two, see :func:`_configs`): correct plans differ only in the
+    order of their sums. A plan that disagrees is left out with a warning instead of answering wrongly.
     """
-    results: dict[int, torch.Tensor] = {}
-    for index, config in enumerate(configs):
-        written.zero_()  # rows a launch leaves alone compare equal
+    results: dict[_Plan, torch.Tensor] = {}
+    for plan in plans:
+        out.zero_()
         try:
-            _decode_attention_kernel[grid](*args, **constexprs, **config.all_kwargs())
+            launch(plan)
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # a tile this GPU cannot hold
             continue
-        results[index] = written.float().nan_to_num()
+        results[plan] = out.float().nan_to_num()
     if not results:
         raise RuntimeError("Triton KIVI decode attention: no tile compiles for these inputs")
     median = torch.stack(list(results.values())).median(dim=0).values
     agreeing = []
-    for index, result in results.items():
+    for plan, result in results.items():
         disagreement = ((result - median).norm() / median.norm().clamp_min(1e-30)).item()
         if disagreement <= TILE_DISAGREEMENT:
-            agreeing.append(configs[index])
+            agreeing.append(plan)
         else:
-            logger.warning("Triton KIVI decode attention: tile %s left out, its result differs from the other "
-                           "tiles' by %.2g (relative)", configs[index], disagreement)  # fmt: skip
+            logger.warning("Triton KIVI decode attention: plan %s left out, its result differs from the other "
+                           "plans' by %.2g (relative)", plan, disagreement)  # fmt: skip
     if not agreeing:
-        raise RuntimeError("Triton KIVI decode attention: the tiles' results disagree; no tile is trusted")
+        raise RuntimeError("Triton KIVI decode attention: the plans' results disagree; no plan is trusted")
     return agreeing
 
 
@@ -601,23 +629,59 @@ def launch_decode_attention(
     (the op checks them once; each check costs host time in every layer of every step)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
-    group = q_heads // kv_heads
-    block_m = max(16, triton.next_power_of_2(group * q_len))
     # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
     capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
                    value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
     granules = -(-capacity // GRANULE)
-    num_splits = _num_splits(batch * kv_heads, granules, q.device)
-    tokens_per_split = -(-granules // num_splits) * GRANULE
-
+    max_splits = max(1, granules // MIN_GRANULES_PER_SPLIT)
     if attn_mask is None:
-        mask_kind, mask, mask_strides = 0, q, (0, 0, 0, 0)
+        mask_kind, mask = 0, None
     else:
         mask = attn_mask.expand(batch, q_heads, q_len, attn_mask.shape[-1])
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
-        mask_strides = mask.stride()
     out = torch.empty_like(q) if out is None else out
+    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
+
+    def launch(plan: _Plan) -> None:
+        _launch_plan(plan, q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size,
+                     granules, max_splits, out)  # fmt: skip
+
+    # A grid that fills the GPU unsplit keeps its key as the cache grows: no plan splits it.
+    most_splits = _num_splits(batch * kv_heads, max_splits, MOST_PROGRAMS_PER_MULTIPROCESSOR, q.device)
+    tuning_key = (head_dim, q_heads // kv_heads, q_len, key_bits, value_bits, group_size, q.dtype,
+                  None if mask is None else mask.dtype, _work_class(batch * kv_heads, q.device),
+                  _power_of_4_class(most_splits))  # fmt: skip
+    plan = _TUNED_PLANS.get(tuning_key)
+    if plan is None:
+        plan = _TUNED_PLANS[tuning_key] = _fastest_plan(launch, out)
+    launch(plan)
+    return out
+
+
+def _launch_plan(
+    plan: _Plan,
+    q: torch.Tensor,
+    key: QuantizedKV,
+    value: QuantizedKV,
+    mask: torch.Tensor | None,
+    mask_kind: int,
+    is_causal: bool,
+    qk_scale: float,
+    key_bits: int,
+    value_bits: int,
+    group_size: int,
+    granules: int,
+    max_splits: int,
+    out: torch.Tensor,
+) -> None:
+    """The split kernel and, for more than one split, the combine, as ``plan`` says."""
+    batch, q_heads, q_len, head_dim = q.shape
+    kv_heads = key.residual.shape[1]
+    group = q_heads // kv_heads
+    block_m = max(16, triton.next_power_of_2(group * q_len))
+    num_splits = _num_splits(batch * kv_heads, max_splits, plan.programs_per_multiprocessor, q.device)
+    tokens_per_split = -(-granules // num_splits) * GRANULE
     if num_splits == 1:  # the kernel writes ``out`` itself; the partial buffers are never touched
         acc = row_max = row_sum = out
     else:
@@ -625,27 +689,23 @@ def launch_decode_attention(
         acc = torch.empty(partials, head_dim, dtype=torch.float32, device=q.device)
         row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
         row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
-    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
-    work_class = _work_class(batch * kv_heads * num_splits, q.device)
-    tuning_key = (head_dim, group, q_len, key_bits, value_bits, group_size, q.dtype, mask.dtype, num_splits == 1,
-                  work_class)  # fmt: skip
-    _launch_tuned(
-        (batch * kv_heads, num_splits), tuning_key, acc,
+    mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
+    _decode_attention_kernel[(batch * kv_heads, num_splits)](
         q, *q.stride(),
         key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
         key.residual, *key.residual.stride(), key.lengths,
         value.codes, *value.codes.stride(), value.scales, value.mins, *value.scales.stride(),
         value.residual, *value.residual.stride(), value.lengths,
-        mask, *mask_strides,
+        q if mask is None else mask, *mask_strides,
         acc, row_max, row_sum, out, *out.stride(),
         qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, tokens_per_split,
         SINGLE_SPLIT=num_splits == 1, Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
         K_BITS=key_bits, V_BITS=value_bits, GROUP_SIZE=group_size, MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **plan.tile.all_kwargs(),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(batch * kv_heads,)](
             acc, row_max, row_sum, out, *out.stride(), kv_heads, num_splits,
             Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
         )  # fmt: skip
-    return out

@@ -132,12 +132,12 @@ def test_is_causal_uses_top_left_alignment():
 
 
 def test_launches_after_the_first_reuse_its_tile(monkeypatch):
-    """The first launch of a tuning key times the tiles; later ones of the same key launch directly,
+    """The first launch of a tuning key times the plans; later ones of the same key launch directly,
     and a different work class (here: many more programs) is timed again."""
-    monkeypatch.setattr(decode_attention, "_TUNED_CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
     timed = []
-    fastest_config = decode_attention._fastest_config
-    monkeypatch.setattr(decode_attention, "_fastest_config", lambda *args: timed.append(args) or fastest_config(*args))
+    fastest_plan = decode_attention._fastest_plan
+    monkeypatch.setattr(decode_attention, "_fastest_plan", lambda *args: timed.append(args) or fastest_plan(*args))
     spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
     runs = []
     for batch in (1, 1, 64):
@@ -146,7 +146,7 @@ def test_launches_after_the_first_reuse_its_tile(monkeypatch):
         q = torch.randn(batch, 4, 1, 32, device=DEVICE)
         runs.append((decode_attention_triton(q, key, value, None, None, False, 2, 2, 16),
                      decode_attention_ref(q, key, value, None, None, False, 2, 2, 16)))  # fmt: skip
-    assert len(timed) == 2 and len(decode_attention._TUNED_CONFIGS) == 2
+    assert len(timed) == 2 and len(decode_attention._TUNED_PLANS) == 2
     for out, expected in runs:
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -156,7 +156,7 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     when it times fastest, and a warning names it; the answer stays right."""
     tiles = [triton.Config({"BLOCK_N": n}, num_warps=4) for n in (16, 32, 64)]
     monkeypatch.setattr(decode_attention, "_configs", lambda: tiles)
-    monkeypatch.setattr(decode_attention, "_TUNED_CONFIGS", {})
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
     kernel = decode_attention._decode_attention_kernel
     acc_index = list(inspect.signature(kernel.fn).parameters).index("acc_ptr")
     launched: list[int] = []
@@ -180,9 +180,33 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     q = torch.randn(1, 4, 1, 32, device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
         out = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
-    assert [config.kwargs["BLOCK_N"] for config in decode_attention._TUNED_CONFIGS.values()] == [16]
+    assert [plan.tile.kwargs["BLOCK_N"] for plan in decode_attention._TUNED_PLANS.values()] == [16]
     (warning,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
-    assert f"tile {tiles[1]} left out" in warning
+    assert f"plan {decode_attention._Plan(tiles[1], decode_attention.PROGRAMS_PER_MULTIPROCESSOR)} left out" in warning
+    expected = decode_attention_ref(q, key, value, None, None, False, 2, 2, 16)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_plans_that_split_the_sequence_differently_agree(monkeypatch, caplog):
+    """Plans differ in the tile and in how many programs share a multiprocessor, so in the number of
+    splits: the tuner compares whole launches (split kernel and combine), and the one it keeps answers right."""
+    (tile,) = decode_attention._configs()
+    plans = [decode_attention._Plan(tile, 1), decode_attention._Plan(tile, 4)]
+    monkeypatch.setattr(decode_attention, "_plans", lambda: plans)
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
+    splits = []
+    num_splits = decode_attention._num_splits
+    monkeypatch.setattr(decode_attention, "_num_splits", lambda *args: splits.append(num_splits(*args)) or splits[-1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0 / splits[-1])
+    monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # up to 9 splits of a 1k cache
+    spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
+    key = filled_cache(spec_k, 1, 1, 32, torch.float32, 1000, [1])
+    value = filled_cache(spec_v, 1, 1, 32, torch.float32, 1000, [1])
+    q = torch.randn(1, 2, 1, 32, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
+        out = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
+    assert not [r for r in caplog.records if "left out" in r.getMessage()]
+    assert set(splits) == {4, 9} and list(decode_attention._TUNED_PLANS.values()) == [plans[1]]
     expected = decode_attention_ref(q, key, value, None, None, False, 2, 2, 16)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -200,9 +224,9 @@ def test_unsupported_inputs_are_named():
 @pytest.mark.parametrize(("q_heads", "kv_heads", "head_dim", "bits"), [(32, 32, 128, 2), (32, 8, 128, 2),
                                                                         (32, 8, 64, 4), (16, 1, 128, 2),
                                                                         (8, 4, 32, 4)])  # fmt: skip
-def test_every_tile_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, bits, dtype, monkeypatch):
-    """Each tile the tuner may pick, not only the one it picks here: two tiles, since dropped, computed
-    wrong results on the H200 that the interpreter does not. A long cache (split sequence, all three
+def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, bits, dtype, monkeypatch):
+    """Each plan (tile and split) the tuner may pick, not only the one it picks here: two tiles, since
+    dropped, computed wrong results on the H200 that the interpreter does not. A long cache (split sequence, all three
     loops) and a short one, with R = 32, where most blocks are quantized on one side only."""
     q = torch.randn(4, q_heads, 1, head_dim, device=DEVICE).to(dtype)
     outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2
@@ -210,8 +234,8 @@ def test_every_tile_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
         spec_k, spec_v = CacheSpec(True, bits, 32, residual), CacheSpec(False, bits, 32, residual)
         key = filled_cache(spec_k, 4, kv_heads, head_dim, dtype, prompt, steps, scale=outliers)
         value = filled_cache(spec_v, 4, kv_heads, head_dim, dtype, prompt, steps)
-        for tile in decode_attention._configs():
-            print(f"T = {prompt + sum(steps)}, R = {residual}, tile {tile}")
-            monkeypatch.setattr(decode_attention, "_configs", lambda tile=tile: [tile])
-            monkeypatch.setattr(decode_attention, "_TUNED_CONFIGS", {})
+        for plan in decode_attention._plans():
+            print(f"T = {prompt + sum(steps)}, R = {residual}, plan {plan}")
+            monkeypatch.setattr(decode_attention, "_plans", lambda plan=plan: [plan])
+            monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
             check(q, key, value, spec_k, spec_v)
