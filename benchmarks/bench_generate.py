@@ -12,7 +12,8 @@ batch size until it runs out of memory:
 Tokens per second count generated tokens (batch x new tokens) over the whole ``generate`` call,
 prompt included, after a warm-up call that compiles the graphs (4 new tokens; ``--warmup-new`` equal
 to ``--new`` also keeps each sequence length's one-time costs out of the timed call, for both
-methods). The median and slowest decode steps are reported too. Prints a tabulate table with
+methods). The median and slowest decode steps are reported too, and on CUDA the allocator's
+cudaMalloc calls and its retries after freeing its cache, during the timed call. Prints a tabulate table with
 the ratio to the fp16 baseline at the same batch size and at each method's best batch, and writes
 JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
 
@@ -27,6 +28,7 @@ import argparse
 import json
 import statistics
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,17 +120,27 @@ class StepTimes:
         return [(later - earlier) * 1e3 for earlier, later in zip(self.stamps[1:], self.stamps[2:])]
 
 
+def allocator_counts(device: str) -> Counter:
+    """The CUDA caching allocator's cudaMalloc calls and its retries after freeing its cache (each a
+    device-wide synchronization): candidates for a slow step when the cache grows near full memory."""
+    if device != "cuda":
+        return Counter()
+    stats = torch.cuda.memory_stats()
+    return Counter(device_allocs=stats.get("num_device_alloc", 0), alloc_retries=stats.get("num_alloc_retries", 0))
+
+
 def run_once(
     method: Method, batch: int, prompt_len: int, new_tokens: int, device: str
-) -> tuple[float, int, list[float]]:
-    """(seconds, peak bytes, decode step milliseconds) of one ``generate`` of ``new_tokens`` for ``batch``
-    prompts."""
+) -> tuple[float, int, list[float], Counter]:
+    """(seconds, peak bytes, decode step milliseconds, allocator counts) of one ``generate`` of
+    ``new_tokens`` for ``batch`` prompts."""
     prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     steps = StepTimes()
     synchronize(device)
+    allocator_before = allocator_counts(device)
     start = time.perf_counter()
     method.model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -137,7 +149,9 @@ def run_once(
     synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
-    return seconds, peak, steps.decode_step_ms()
+    allocator = allocator_counts(device)
+    allocator.subtract(allocator_before)
+    return seconds, peak, steps.decode_step_ms(), allocator
 
 
 def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
@@ -147,7 +161,7 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
                 run_once(method, batch, args.prompt, args.warmup_new, args.device)  # compiles the graphs
-                seconds, peak, step_ms = run_once(method, batch, args.prompt, args.new, args.device)
+                seconds, peak, step_ms, allocator = run_once(method, batch, args.prompt, args.new, args.device)
             except torch.OutOfMemoryError:
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
                 yield dict(method=method.name, batch=batch, oom=True)
@@ -156,11 +170,11 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
             row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
                        tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs,
                        median_step_ms=statistics.median(step_ms), slowest_step_ms=max(step_ms),
-                       slowest_step=step_ms.index(max(step_ms)) + 1)  # fmt: skip
+                       slowest_step=step_ms.index(max(step_ms)) + 1, **allocator)  # fmt: skip
             print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
                   f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}, decode step median "
                   f"{row['median_step_ms']:.1f} ms, slowest {row['slowest_step_ms']:.1f} ms "
-                  f"(step {row['slowest_step']})", flush=True)  # fmt: skip
+                  f"(step {row['slowest_step']}), allocator {dict(allocator)}", flush=True)  # fmt: skip
             yield row
 
 

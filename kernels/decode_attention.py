@@ -129,8 +129,9 @@ def _configs() -> list[triton.Config]:
     # that the interpreter does not give: (32, 4, 96) at head_dim 32 in the loop over mixed blocks
     # (relative error 0.07-0.89; the same tile capped at 128 was right), and at all five shapes of
     # the real-size test (16, 4, 96) and (16, 2, 128) (0.02-0.10 and 0.03-0.64). (64, 8, 128) was never
-    # the fastest tile in the 14 cases (7 shapes, fp16 and bf16) of an A/B on the H200.
-    shapes = ((32, 4, 128), (32, 2, 168))
+    # the fastest in the 14 cases (7 shapes, fp16 and bf16) of an A/B on the H200; it is the third
+    # opinion that lets the cross-check (:func:`_agreeing_plans`) tell which of two tiles is wrong.
+    shapes = ((32, 4, 128), (32, 2, 168), (64, 8, 128))
     # Two pipeline stages won no shape on the H100 (tried at 16-64 tokens, 4-8 warps).
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
 
@@ -538,10 +539,10 @@ def _work_class(programs: int, device: torch.device) -> int:
 
 
 # The fastest plan for each tuning key (the kernel's shape constexprs, the tensors' dtypes, the work
-# class and the splits of the plan that splits most, in powers of 4). Launches after the first of a key launch directly:
-# Triton's autotuner scans the ~60 arguments on every call (0.19 ms of host time per launch under
-# cProfile on the GPU machine, 6 ms of a batch-1 decode step of a 32-layer model), and it can tune
-# neither the split nor on the grid.
+# class and the splits of the plan that splits most, in powers of 4). Launches after the first of a
+# key launch directly: Triton's autotuner scans the ~60 arguments on every call (0.19 ms of host time
+# per launch under cProfile on the GPU machine, 6 ms of a batch-1 decode step of a 32-layer model),
+# and it can tune neither the split nor on the grid.
 _TUNED_PLANS: dict[tuple, _Plan] = {}
 
 
@@ -555,10 +556,12 @@ def _fastest_plan(launch: Callable[[_Plan], None], out: torch.Tensor) -> _Plan:
 
 
 def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: torch.Tensor) -> list[_Plan]:
-    """The plans that compile and whose output agrees with the elementwise median of all outputs.
+    """The plans that compile and whose output agrees with the elementwise median of the tiles' outputs.
 
-    A guard against miscompiled tiles (two, see :func:`_configs`): correct plans differ only in the
-    order of their sums. A plan that disagrees is left out with a warning instead of answering wrongly.
+    A guard against miscompiled tiles (three so far, see :func:`_configs`): correct plans differ only
+    in the order of their sums. The median takes one output per tile, since the plans of a tile share
+    its compiled code and would be wrong together. A plan that disagrees is left out with a warning
+    instead of answering wrongly.
     """
     results: dict[_Plan, torch.Tensor] = {}
     for plan in plans:
@@ -570,7 +573,8 @@ def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: to
         results[plan] = out.float().nan_to_num()
     if not results:
         raise RuntimeError("Triton KIVI decode attention: no tile compiles for these inputs")
-    median = torch.stack(list(results.values())).median(dim=0).values
+    one_per_tile = {plan.tile: result for plan, result in results.items()}
+    median = torch.stack(list(one_per_tile.values())).median(dim=0).values
     agreeing = []
     for plan, result in results.items():
         disagreement = ((result - median).norm() / median.norm().clamp_min(1e-30)).item()
