@@ -151,6 +151,19 @@ def test_launches_after_the_first_reuse_its_tile(monkeypatch):
         torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
+def tuned_against_reference(caplog, kv_heads: int, prompt: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """A launch that tunes (batch 1, float32, 2 bits, G = 16, R = 32): its output, the reference's,
+    and the tuner's warnings about plans it left out."""
+    spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
+    key = filled_cache(spec_k, 1, kv_heads, 32, torch.float32, prompt, [1])
+    value = filled_cache(spec_v, 1, kv_heads, 32, torch.float32, prompt, [1])
+    q = torch.randn(1, 2 * kv_heads, 1, 32, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
+        out = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    return out, decode_attention_ref(q, key, value, None, None, False, 2, 2, 16), warnings
+
+
 def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     """A miscompiled tile (simulated: its accumulators are shifted after each launch) is not used even
     when it times fastest, and a warning names each of its plans; the answer stays right. Its two
@@ -177,16 +190,9 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     milliseconds = {16: 2.0, 32: 1.0, 64: 3.0}
     monkeypatch.setattr(decode_attention, "_decode_attention_kernel", Miscompiled())
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
-    spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
-    key = filled_cache(spec_k, 1, 2, 32, torch.float32, 70, [1])
-    value = filled_cache(spec_v, 1, 2, 32, torch.float32, 70, [1])
-    q = torch.randn(1, 4, 1, 32, device=DEVICE)
-    with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
-        out = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
+    out, expected, warnings = tuned_against_reference(caplog, kv_heads=2, prompt=70)
     assert list(decode_attention._TUNED_PLANS.values()) == [plans[0]]
-    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert len(warnings) == 2 and all(f"plan {plan} left out" in w for plan, w in zip(plans[1:3], warnings))
-    expected = decode_attention_ref(q, key, value, None, None, False, 2, 2, 16)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
@@ -202,15 +208,9 @@ def test_plans_that_split_the_sequence_differently_agree(monkeypatch, caplog):
     monkeypatch.setattr(decode_attention, "_num_splits", lambda *args: splits.append(num_splits(*args)) or splits[-1])
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0 / splits[-1])
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # up to 9 splits of a 1k cache
-    spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
-    key = filled_cache(spec_k, 1, 1, 32, torch.float32, 1000, [1])
-    value = filled_cache(spec_v, 1, 1, 32, torch.float32, 1000, [1])
-    q = torch.randn(1, 2, 1, 32, device=DEVICE)
-    with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
-        out = decode_attention_triton(q, key, value, None, None, False, 2, 2, 16)
-    assert not [r for r in caplog.records if "left out" in r.getMessage()]
+    out, expected, warnings = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
+    assert not warnings
     assert set(splits) == {4, 9} and list(decode_attention._TUNED_PLANS.values()) == [plans[1]]
-    expected = decode_attention_ref(q, key, value, None, None, False, 2, 2, 16)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
 
