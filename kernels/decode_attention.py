@@ -115,7 +115,7 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
 # The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
 MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
-# Plans whose result differs from the median of all plans' by more than this are not used
+# Plans whose result differs from the median of the tiles' results by more than this are not used
 # (:func:`_agreeing_plans`).
 TILE_DISAGREEMENT = 1e-2
 
@@ -565,7 +565,7 @@ def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: to
     """
     results: dict[_Plan, torch.Tensor] = {}
     for plan in plans:
-        out.zero_()
+        out.zero_()  # rows a launch leaves alone compare equal
         try:
             launch(plan)
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # a tile this GPU cannot hold
@@ -581,8 +581,8 @@ def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: to
         if disagreement <= TILE_DISAGREEMENT:
             agreeing.append(plan)
         else:
-            logger.warning("Triton KIVI decode attention: plan %s left out, its result differs from the other "
-                           "plans' by %.2g (relative)", plan, disagreement)  # fmt: skip
+            logger.warning("Triton KIVI decode attention: plan %s left out, its result differs from the tiles' "
+                           "median by %.2g (relative)", plan, disagreement)  # fmt: skip
     if not agreeing:
         raise RuntimeError("Triton KIVI decode attention: the plans' results disagree; no plan is trusted")
     return agreeing
@@ -699,7 +699,7 @@ def _launch_plan(
         key.residual, *key.residual.stride(), key.lengths,
         value.codes, *value.codes.stride(), value.scales, value.mins, *value.scales.stride(),
         value.residual, *value.residual.stride(), value.lengths,
-        q if mask is None else mask, *mask_strides,
+        q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, out, *out.stride(),
         qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, tokens_per_split,
         SINGLE_SPLIT=num_splits == 1, Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
