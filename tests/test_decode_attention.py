@@ -228,9 +228,10 @@ def test_unsupported_inputs_are_named():
                                                                         (32, 8, 64, 4), (16, 1, 128, 2),
                                                                         (8, 4, 32, 4)])  # fmt: skip
 def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, bits, dtype, monkeypatch):
-    """Each plan (tile and split) the tuner may pick, not only the one it picks here: two tiles, since
-    dropped, computed wrong results on the H200 that the interpreter does not. A long cache (split sequence, all three
-    loops) and a short one, with R = 32, where most blocks are quantized on one side only."""
+    """Each plan (tile and split) the tuner may pick, not only the one it picks here: three tiles, since
+    dropped, computed wrong results on the H200 that the interpreter does not. A long cache (split
+    sequence, all three loops) and a short one, with R = 32, where most blocks are quantized on one
+    side only."""
     q = torch.randn(4, q_heads, 1, head_dim, device=DEVICE).to(dtype)
     outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2
     for prompt, steps, residual in ((4001, [1] * 70, 128), (45, [1] * 3, 32)):
