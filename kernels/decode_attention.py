@@ -546,9 +546,14 @@ def _work_class(programs: int, device: torch.device) -> int:
 _TUNED_PLANS: dict[tuple, _Plan] = {}
 
 
-def _fastest_plan(launch: Callable[[_Plan], None], out: torch.Tensor) -> _Plan:
-    """The agreeing plan with the lowest median time of a whole launch (split kernel and combine)."""
-    plans = _plans()
+def _fastest_plan(launch: Callable[[_Plan], None], splits: Callable[[_Plan], int], out: torch.Tensor) -> _Plan:
+    """The agreeing plan with the lowest median time of a whole launch (split kernel and combine).
+    Plans that launch the same grid here (a sequence too short to split further, or a batch that fills
+    the GPU unsplit) are tried once, as the first of them: timing noise does not pick between them."""
+    distinct: dict[tuple[triton.Config, int], _Plan] = {}
+    for plan in _plans():
+        distinct.setdefault((plan.tile, splits(plan)), plan)
+    plans = list(distinct.values())
     if len(plans) == 1:
         return plans[0]
     plans = _agreeing_plans(plans, launch, out)
@@ -646,9 +651,12 @@ def launch_decode_attention(
     out = torch.empty_like(q) if out is None else out
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
 
+    def splits(plan: _Plan) -> int:
+        return _num_splits(batch * kv_heads, max_splits, plan.programs_per_multiprocessor, q.device)
+
     def launch(plan: _Plan) -> None:
-        _launch_plan(plan, q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size,
-                     granules, max_splits, out)  # fmt: skip
+        _launch_plan(plan.tile, splits(plan), q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits,
+                     value_bits, group_size, granules, out)  # fmt: skip
 
     # A grid that fills the GPU unsplit keeps its key as the cache grows: no plan splits it.
     most_splits = _num_splits(batch * kv_heads, max_splits, MOST_PROGRAMS_PER_MULTIPROCESSOR, q.device)
@@ -657,13 +665,14 @@ def launch_decode_attention(
                   _power_of_4_class(most_splits))  # fmt: skip
     plan = _TUNED_PLANS.get(tuning_key)
     if plan is None:
-        plan = _TUNED_PLANS[tuning_key] = _fastest_plan(launch, out)
+        plan = _TUNED_PLANS[tuning_key] = _fastest_plan(launch, splits, out)
     launch(plan)
     return out
 
 
 def _launch_plan(
-    plan: _Plan,
+    tile: triton.Config,
+    num_splits: int,
     q: torch.Tensor,
     key: QuantizedKV,
     value: QuantizedKV,
@@ -675,15 +684,13 @@ def _launch_plan(
     value_bits: int,
     group_size: int,
     granules: int,
-    max_splits: int,
     out: torch.Tensor,
 ) -> None:
-    """The split kernel and, for more than one split, the combine, as ``plan`` says."""
+    """The split kernel with ``tile`` over ``num_splits`` splits and, for more than one, the combine."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
     group = q_heads // kv_heads
     block_m = max(16, triton.next_power_of_2(group * q_len))
-    num_splits = _num_splits(batch * kv_heads, max_splits, plan.programs_per_multiprocessor, q.device)
     tokens_per_split = -(-granules // num_splits) * GRANULE
     if num_splits == 1:  # the kernel writes ``out`` itself; the partial buffers are never touched
         acc = row_max = row_sum = out
@@ -705,7 +712,7 @@ def _launch_plan(
         SINGLE_SPLIT=num_splits == 1, Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
         K_BITS=key_bits, V_BITS=value_bits, GROUP_SIZE=group_size, MASK_KIND=mask_kind,
         IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **plan.tile.all_kwargs(),
+        **tile.all_kwargs(),
     )  # fmt: skip
     if num_splits > 1:
         _combine_splits_kernel[(batch * kv_heads,)](

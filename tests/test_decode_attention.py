@@ -190,7 +190,8 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     milliseconds = {16: 2.0, 32: 1.0, 64: 3.0}
     monkeypatch.setattr(decode_attention, "_decode_attention_kernel", Miscompiled())
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
-    out, expected, warnings = tuned_against_reference(caplog, kv_heads=2, prompt=70)
+    monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # tile 32: 8 and 9 splits
+    out, expected, warnings = tuned_against_reference(caplog, kv_heads=2, prompt=1000)
     assert list(decode_attention._TUNED_PLANS.values()) == [plans[0]]
     assert len(warnings) == 2 and all(f"plan {plan} left out" in w for plan, w in zip(plans[1:3], warnings))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -198,18 +199,21 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
 
 def test_plans_that_split_the_sequence_differently_agree(monkeypatch, caplog):
     """Plans differ in the tile and in how many programs share a multiprocessor, so in the number of
-    splits: the tuner compares whole launches (split kernel and combine), and the one it keeps answers right."""
+    splits: the tuner compares whole launches (split kernel and combine), and the one it keeps answers
+    right. A plan that launches the same grid as an earlier one (the sequence caps the splits) is not tried."""
     (tile,) = decode_attention._configs()
-    plans = [decode_attention._Plan(tile, 1), decode_attention._Plan(tile, 4)]
+    plans = [decode_attention._Plan(tile, per_multiprocessor) for per_multiprocessor in (1, 4, 8)]
     monkeypatch.setattr(decode_attention, "_plans", lambda: plans)
     monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
-    splits = []
-    num_splits = decode_attention._num_splits
+    splits, tried = [], []
+    num_splits, agreeing_plans = decode_attention._num_splits, decode_attention._agreeing_plans
     monkeypatch.setattr(decode_attention, "_num_splits", lambda *args: splits.append(num_splits(*args)) or splits[-1])
+    monkeypatch.setattr(decode_attention, "_agreeing_plans", lambda plans, *args: tried.extend(plans) or
+                        agreeing_plans(plans, *args))  # fmt: skip
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0 / splits[-1])
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # up to 9 splits of a 1k cache
     out, expected, warnings = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
-    assert not warnings
+    assert not warnings and tried == plans[:2]  # 4 programs per multiprocessor already take all 9 splits
     assert set(splits) == {4, 9} and list(decode_attention._TUNED_PLANS.values()) == [plans[1]]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
