@@ -13,9 +13,9 @@ Tokens per second count generated tokens (batch x new tokens) over the whole ``g
 prompt included, after a warm-up call that compiles the graphs (4 new tokens; ``--warmup-new`` equal
 to ``--new`` also keeps each sequence length's one-time costs out of the timed call, for both
 methods). The median and slowest decode steps are reported too, and on CUDA the allocator's
-cudaMalloc calls and its retries after freeing its cache, during the timed call. Prints a tabulate table with
-the ratio to the fp16 baseline at the same batch size and at each method's best batch, and writes
-JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
+cudaMalloc calls and its retries after freeing its cache, during the timed call. Prints a tabulate
+table with the ratio to the fp16 baseline at the same batch size and at each method's best batch,
+and writes JSON + a PNG plot (throughput and peak memory against batch size) to ``--out``.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate
     python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1,2 --new 24   # smoke test
