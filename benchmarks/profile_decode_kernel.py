@@ -1,0 +1,127 @@
+"""Where the decode-attention kernel's time goes, under Nsight Compute: one launch of every plan.
+
+``run`` builds a KIVI cache of random data, tunes (outside the profiled range), times each plan
+with ``do_bench``, then launches each plan once between ``cudaProfilerStart``/``Stop`` so that
+``ncu --profile-from-start off`` profiles exactly those launches:
+
+    ncu --clock-control none --profile-from-start off --kernel-name regex:_decode_attention_kernel \\
+        --set full --import-source no -o decode python benchmarks/profile_decode_kernel.py run
+    ncu --import decode.ncu-rep --print-details all > decode.txt
+    ncu --import decode.ncu-rep --page source --csv --print-source sass > decode-sass.csv
+    python benchmarks/profile_decode_kernel.py opcodes decode-sass.csv
+
+``opcodes`` reads the SASS page and prints, for each profiled launch, the instructions its hottest
+loop executes per warp and per pass, by opcode, with the warp-stall samples they drew: which work
+the issue slots go to (unpacking, register moves, shared-memory staging, tensor-core math).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from collections import Counter
+
+from tabulate import tabulate
+
+
+def run(args: argparse.Namespace) -> None:
+    import torch
+    import triton
+
+    import kivi_compile.kernels.decode_attention as decode
+    from kivi_compile.cache import KiviCacheTensor
+    from kivi_compile.config import KiviConfig
+
+    config = KiviConfig(key_bits=args.bits, value_bits=args.bits, group_size=args.group_size, residual_length=128)
+    q = torch.randn(args.batch, args.heads, 1, args.head_dim, device="cuda", dtype=torch.float16)
+    dense = torch.randn(args.batch, args.kv_heads, args.tokens, args.head_dim, device="cuda", dtype=torch.float16)
+    key = KiviCacheTensor.from_dense(dense, config.key_spec()).kv
+    value = KiviCacheTensor.from_dense(torch.randn_like(dense), config.value_spec()).kv
+    del dense
+    out = torch.empty_like(q)
+    bits, group_size = args.bits, args.group_size
+    decode.decode_attention_triton(q, key, value, None, None, False, bits, bits, group_size, out)  # tunes
+    print("tuned:", *map(str, decode._TUNED_PLANS.values()), flush=True)
+
+    programs = args.batch * args.kv_heads
+    granules = -(-args.tokens // decode.GRANULE)
+    max_splits = max(1, granules // decode.MIN_GRANULES_PER_SPLIT)
+    qk_scale = args.head_dim**-0.5 * decode.LOG2E
+    launches = []
+    for plan in decode._plans():
+        splits = decode._num_splits(programs, max_splits, plan.programs_per_multiprocessor, q.device)
+
+        def launch(plan: decode._Plan = plan, splits: int = splits) -> None:
+            decode._launch_plan(plan.tile, splits, q, key, value, None, 0, False, qk_scale, bits, bits, group_size,
+                                granules, out)  # fmt: skip
+
+        launch()
+        print(f"plan {plan}, {splits} splits: {triton.testing.do_bench(launch):.3f} ms", flush=True)
+        launches.append(launch)
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    for launch in launches:
+        launch()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+def _kernels(path: str) -> list[list[dict[str, str]]]:
+    """The rows of each kernel section of ``ncu --page source --csv`` output."""
+    sections: list[list[str]] = []
+    with open(path, newline="") as file:
+        for line in file:
+            if line.startswith('"Kernel Name"'):
+                sections.append([])
+            elif sections and line.strip():
+                sections[-1].append(line)
+    return [list(csv.DictReader(lines)) for lines in sections]
+
+
+def _count(row: dict[str, str], column: str) -> int:
+    return int(row[column].replace(",", "") or 0)
+
+
+def opcodes(args: argparse.Namespace) -> None:
+    for index, rows in enumerate(_kernels(args.sass_csv)):
+        # The hottest loop: the execution count that accounts for the most instructions (every
+        # instruction of a loop body runs once per warp and pass).
+        weight = Counter()
+        for row in rows:
+            weight[_count(row, "Instructions Executed")] += _count(row, "Instructions Executed")
+        passes = weight.most_common(1)[0][0]
+        loop = [row for row in rows if _count(row, "Instructions Executed") == passes]
+        executed, stalls = Counter(), Counter()
+        for row in loop:
+            words = row["Source"].split()
+            opcode = (words[1] if words[0].startswith("@") else words[0]).split(".")[0]
+            executed[opcode] += 1
+            stalls[opcode] += _count(row, "Warp Stall Sampling (All Samples)")
+        total = sum(_count(row, "Instructions Executed") for row in rows)
+        samples = sum(_count(row, "Warp Stall Sampling (All Samples)") for row in rows)
+        print(f"launch {index + 1}: {total:,} warp instructions; hottest loop {len(loop)} per warp and pass, "
+              f"{passes * len(loop) / total:.0%} of all")  # fmt: skip
+        table = [(opcode, count, f"{stalls[opcode] / samples:.1%}") for opcode, count in executed.most_common(args.top)]
+        print(tabulate(table, headers=["opcode", "per warp and pass", "stall samples"], tablefmt="github"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    launch = commands.add_parser("run", help="launch every plan once inside the profiled range")
+    launch.add_argument("--batch", type=int, default=8)
+    launch.add_argument("--heads", type=int, default=32)
+    launch.add_argument("--kv-heads", type=int, default=32)
+    launch.add_argument("--head-dim", type=int, default=128)
+    launch.add_argument("--tokens", type=int, default=32768)
+    launch.add_argument("--bits", type=int, default=2)
+    launch.add_argument("--group-size", type=int, default=32)
+    summary = commands.add_parser("opcodes", help="instructions of each launch's hottest loop, by opcode")
+    summary.add_argument("sass_csv")
+    summary.add_argument("--top", type=int, default=16)
+    args = parser.parse_args()
+    run(args) if args.command == "run" else opcodes(args)
+
+
+if __name__ == "__main__":
+    main()
