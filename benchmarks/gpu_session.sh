@@ -34,6 +34,6 @@ step pytest "${TEST_S:-300}" python3 -P -m pytest -q -p no:cacheprovider -p no:l
 step decode_attention "${DECODE_S:-150}" python3 benchmarks/bench_decode_attention.py --out "$out/decode_attention"
 [ $# -gt 0 ] || set -- 1 256
 for batches in "$@"; do
-    step "generate_${batches//,/_}" "${GENERATE_S:-240}" python3 benchmarks/bench_generate.py \
+    step "generate_${batches//,/_}" "${GENERATE_S:-420}" python3 benchmarks/bench_generate.py \
         --methods kivi-k2v2,fp16 --batches "$batches" --out "$out/generate_${batches//,/_}"
 done
