@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> None:
     print("tuned:", *map(str, decode._TUNED_PLANS.values()), flush=True)
 
     programs = args.batch * args.kv_heads
-    granules = -(-args.tokens // decode.GRANULE)
+    granules = decode.capacity_granules(key, value, bits)
     max_splits = max(1, granules // decode.MIN_GRANULES_PER_SPLIT)
     qk_scale = args.head_dim**-0.5 * decode.LOG2E
     launches = []
