@@ -25,6 +25,7 @@ from tabulate import tabulate
 
 
 def run(args: argparse.Namespace) -> None:
+    # Imported here so that ``opcodes`` runs on any machine, without torch or a GPU.
     import torch
     import triton
 
