@@ -1,8 +1,9 @@
 """Where the decode-attention kernel's time goes, under Nsight Compute: one launch of every plan.
 
 ``run`` builds a KIVI cache of random data, tunes (outside the profiled range), times each plan
-with ``do_bench``, then launches each plan once between ``cudaProfilerStart``/``Stop`` so that
-``ncu --profile-from-start off`` profiles exactly those launches:
+with ``do_bench``, then launches each plan once, through the op's own launch path with that plan
+as the only one, between ``cudaProfilerStart``/``Stop`` so that ``ncu --profile-from-start off``
+profiles exactly those launches:
 
     ncu --clock-control none --profile-from-start off --kernel-name regex:_decode_attention_kernel \\
         --set full --import-source no -o decode python benchmarks/profile_decode_kernel.py run
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 from collections import Counter
+from unittest import mock
 
 from tabulate import tabulate
 
@@ -40,29 +42,27 @@ def run(args: argparse.Namespace) -> None:
     value = KiviCacheTensor.from_dense(torch.randn_like(dense), config.value_spec()).kv
     del dense
     out = torch.empty_like(q)
-    bits, group_size = args.bits, args.group_size
-    decode.decode_attention_triton(q, key, value, None, None, False, bits, bits, group_size, out)  # tunes
+
+    def launch() -> None:
+        decode.decode_attention_triton(q, key, value, None, None, False, args.bits, args.bits, args.group_size, out)
+
+    launch()  # tunes
     print("tuned:", *map(str, decode._TUNED_PLANS.values()), flush=True)
+    plans = decode._plans()
 
-    programs = args.batch * args.kv_heads
-    granules = decode.capacity_granules(key, value, bits)
-    max_splits = max(1, granules // decode.MIN_GRANULES_PER_SPLIT)
-    qk_scale = args.head_dim**-0.5 * decode.LOG2E
-    launches = []
-    for plan in decode._plans():
-        splits = decode._num_splits(programs, max_splits, plan.programs_per_multiprocessor, q.device)
+    def launch_only(plan: decode._Plan) -> None:
+        """The op's own launch path, with ``plan`` as the only plan: nothing to time or cross-check."""
+        decode._TUNED_PLANS.clear()
+        with mock.patch.object(decode, "_plans", lambda: [plan]):
+            launch()
 
-        def launch(plan: decode._Plan = plan, splits: int = splits) -> None:
-            decode._launch_plan(plan.tile, splits, q, key, value, None, 0, False, qk_scale, bits, bits, group_size,
-                                granules, out)  # fmt: skip
-
-        launch()
-        print(f"plan {plan}, {splits} splits: {triton.testing.do_bench(launch):.3f} ms", flush=True)
-        launches.append(launch)
+    for plan in plans:
+        launch_only(plan)  # leaves ``plan`` tuned for these inputs
+        print(f"plan {plan}: {triton.testing.do_bench(launch):.3f} ms", flush=True)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
-    for launch in launches:
-        launch()
+    for plan in plans:
+        launch_only(plan)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStop()
 

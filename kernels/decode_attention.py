@@ -621,14 +621,6 @@ def decode_attention_triton(
     return launch_decode_attention(q, key, value, attn_mask, scale, is_causal, key_bits, value_bits, group_size, out)
 
 
-def capacity_granules(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> int:
-    """Granules of the longest sequence the buffers can hold: the bound the split is chosen from,
-    since the token count itself is on the device."""
-    capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
-                   value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
-    return -(-capacity // GRANULE)
-
-
 def launch_decode_attention(
     q: torch.Tensor,
     key: QuantizedKV,
@@ -645,7 +637,10 @@ def launch_decode_attention(
     (the op checks them once; each check costs host time in every layer of every step)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
-    granules = capacity_granules(key, value, key_bits)
+    # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
+    capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
+                   value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
+    granules = -(-capacity // GRANULE)
     max_splits = max(1, granules // MIN_GRANULES_PER_SPLIT)
     if attn_mask is None:
         mask_kind, mask = 0, None
