@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> None:
     from kivi_compile.cache import KiviCacheTensor
     from kivi_compile.config import KiviConfig
 
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_decode_kernel.py run: needs a CUDA GPU (ncu profiles GPU kernels)")
     config = KiviConfig(key_bits=args.bits, value_bits=args.bits, group_size=args.group_size, residual_length=128)
     q = torch.randn(args.batch, args.heads, 1, args.head_dim, device="cuda", dtype=torch.float16)
     dense = torch.randn(args.batch, args.kv_heads, args.tokens, args.head_dim, device="cuda", dtype=torch.float16)
