@@ -5,7 +5,10 @@ residual R = 128, one query token) the same run times, as medians of ``triton.te
 
 - ``sdpa``:   ``F.scaled_dot_product_attention`` over the fp16 K/V (``enable_gqa`` for GQA), the baseline;
 - ``ref``:    the PyTorch reference op (dequantize everything, then attend), for T <= --ref-max-tokens;
-- ``triton``: the fused Triton kernel over the packed cache.
+- ``kernel``: what the op runs on CUDA: for the shapes it is written for (float16, D = 128, 2-bit,
+  G = 32), the Gluon kernel over the blocks quantized on both sides plus the Triton kernel over the
+  rest; otherwise the fused Triton kernel alone (its tuned plan is named);
+- ``triton``: the fused Triton kernel alone over the whole cache, with its tuned plan.
 
 GB/s is over the bytes each must read (fp16 K/V for SDPA; codes, scales, minima and residual for
 KIVI); ``of copy`` compares with a device-to-device copy measured in the same run. The append
@@ -19,7 +22,9 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -70,6 +75,16 @@ def used_bytes(cache: KiviCacheTensor) -> int:
     return int(batch * heads * (n_quant * per_token + n_residual * head_dim * cache.residual.element_size()))
 
 
+@contextlib.contextmanager
+def triton_kernel_only() -> Iterator[None]:
+    """Launches inside run the Triton kernel over every block, as on a Triton without Gluon."""
+    gluon_blocks, decode_attention.mma_blocks = decode_attention.mma_blocks, None
+    try:
+        yield
+    finally:
+        decode_attention.mma_blocks = gluon_blocks
+
+
 def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_tokens) -> dict:
     config = KiviConfig(key_bits=bits, value_bits=bits, group_size=group, residual_length=RESIDUAL)
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.float16)
@@ -79,19 +94,25 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
-    decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
-    triton_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
+    def attention() -> torch.Tensor:
+        return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
+
+    kernel_ms = do_bench(attention)
+    gluon = decode_attention.mma_path_unsupported(q, key.kv, value.kv, None, False, bits, bits, group) is None
+    with triton_kernel_only():
+        decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
+        triton_ms = do_bench(attention)
+    (plan,) = decode_attention._TUNED_PLANS.values()
     ref_ms = None
     if seq_len <= ref_max_tokens:
         ref_ms = do_bench(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
                           warmup=5, rep=50)  # fmt: skip
     kivi_bytes = used_bytes(key) + used_bytes(value)
-    (plan,) = decode_attention._TUNED_PLANS.values()
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
-                sdpa_ms=sdpa_ms, ref_ms=ref_ms, triton_ms=triton_ms,
-                sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, triton_gbps=kivi_bytes / triton_ms / 1e6,
-                plan=str(plan), bytes_ratio=sdpa_bytes / kivi_bytes,
-                speedup=sdpa_ms / triton_ms)  # fmt: skip
+                sdpa_ms=sdpa_ms, ref_ms=ref_ms, kernel_ms=kernel_ms, triton_ms=triton_ms,
+                sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, kernel_gbps=kivi_bytes / kernel_ms / 1e6,
+                kernel="gluon + triton tail" if gluon else f"triton {plan}", triton_plan=str(plan),
+                bytes_ratio=sdpa_bytes / kivi_bytes, speedup=sdpa_ms / kernel_ms)  # fmt: skip
 
 
 def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32, layers=32) -> dict:
@@ -172,11 +193,12 @@ def main() -> None:
     rows = []
     for shape in SHAPES:  # one line per shape as it finishes, so a run cut short still reports
         row = bench_shape(*shape, args.ref_max_tokens)
-        row["of_copy"] = row["triton_gbps"] / copy_gbps
-        print(f"{shape}: sdpa {row['sdpa_ms']:.3f} ms, triton {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}", flush=True)
+        row["of_copy"] = row["kernel_gbps"] / copy_gbps
+        print(f"{shape}: sdpa {row['sdpa_ms']:.3f} ms, kernel {row['kernel_ms']:.3f} ms ({row['kernel']}), "
+              f"triton alone {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}", flush=True)  # fmt: skip
         rows.append(row)
-    headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "triton_ms", "sdpa_gbps",
-               "triton_gbps", "of_copy", "plan", "bytes_ratio", "speedup"]  # fmt: skip
+    headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "kernel_ms", "triton_ms", "sdpa_gbps",
+               "kernel_gbps", "of_copy", "kernel", "bytes_ratio", "speedup"]  # fmt: skip
     print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, floatfmt=".3f"))
     append = bench_append()
     print(tabulate([append.values()], headers=list(append), floatfmt=".4f"))

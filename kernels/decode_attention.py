@@ -16,6 +16,11 @@ A second kernel combines the ``S`` partial results; with ``S = 1`` (batches that
 their own, short sequences) the first one normalizes and stores the output itself, one launch
 instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
 capacity so nothing waits for the host.
+
+For the common decode step (float16, head_dim 128, 2-bit, G = 32, no mask, one token) the blocks
+quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 1.35x faster
+at B = 8, T = 32k on the H200), and this kernel only adds the rest of each sequence as one more
+partial.
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ from triton.runtime.errors import OutOfResources, PTXASError
 
 from .cache_layout import QuantizedKV, dequantize_cache_ref, triton_layout_unsupported
 from .quantize import codes_per_byte
+
+try:
+    from . import decode_attention_mma as mma_blocks
+except (ImportError, AttributeError):  # a Triton whose Gluon lacks what it uses (written for 3.6)
+    mma_blocks = None
 
 logger = logging.getLogger("kivi_compile.kernels")
 
@@ -115,6 +125,12 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
 # The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
 MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
+# The Gluon kernel takes the quantized blocks only when there are at least this many (tokens of buffer
+# capacity x KV heads x batch): below it the step is bound by host time, and its three launches cost more
+# than the Triton kernel's one or two. H200 (2026-12-02, benchmarks/bench_decode_attention.py): faster at
+# 1.0M token-heads and above (B = 8 at T = 4k: 0.146 ms against 0.181; B = 96 at T = 340: 0.219 against
+# 0.248), slower at 262k (B = 8, T = 1k: 0.237 against 0.088) and 11k (B = 1, T = 340: 0.157 against 0.056).
+MMA_MIN_TOKEN_HEADS = 1 << 20
 # Plans whose result differs from the median of the tiles' results by more than this are not used
 # (:func:`_agreeing_plans`).
 TILE_DISAGREEMENT = 1e-2
@@ -339,6 +355,7 @@ def _decode_attention_kernel(
     SINGLE_SPLIT: tl.constexpr, Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
+    TAIL_BLOCK: tl.constexpr = 0,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M >= GROUP * Q_LEN)
     tl.static_assert(GROUP_SIZE % (8 // V_BITS) == 0)
@@ -373,8 +390,13 @@ def _decode_attention_kernel(
     in_block = tl.arange(0, BLOCK_N)
     block_order = _block_token_order(BLOCK_N, 8 // K_BITS)
     value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS)
-    first = split * tokens_per_split
-    last = tl.minimum(first + tokens_per_split, seq_len)
+    if TAIL_BLOCK > 0:  # the blocks before are the Gluon kernel's (decode_attention_mma.py): the last partial
+        first = (tl.minimum(k_quantized, v_quantized) // TAIL_BLOCK) * TAIL_BLOCK
+        last = seq_len
+        split += num_splits - 1
+    else:
+        first = split * tokens_per_split
+        last = tl.minimum(first + tokens_per_split, seq_len)
     # This split's blocks fall in three runs: quantized on both sides, the few blocks quantized on
     # one side only (or straddling a boundary), and the residual rings; one loop each.
     both_quantized_end = (tl.minimum(k_quantized, v_quantized) // BLOCK_N) * BLOCK_N
@@ -637,26 +659,30 @@ def launch_decode_attention(
     (the op checks them once; each check costs host time in every layer of every step)."""
     batch, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
-    # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
-    capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
-                   value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
-    granules = -(-capacity // GRANULE)
-    max_splits = max(1, granules // MIN_GRANULES_PER_SPLIT)
+    out = torch.empty_like(q) if out is None else out
     if attn_mask is None:
         mask_kind, mask = 0, None
     else:
         mask = attn_mask.expand(batch, q_heads, q_len, attn_mask.shape[-1])
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
-    out = torch.empty_like(q) if out is None else out
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
+    call = _Call(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
+    if (mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is None
+            and batch * kv_heads * mma_blocks.quantized_capacity(key, value) >= MMA_MIN_TOKEN_HEADS):
+        _launch_mma_path(call, out)
+        return out
+    # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
+    capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
+                   value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
+    granules = -(-capacity // GRANULE)
+    max_splits = max(1, granules // MIN_GRANULES_PER_SPLIT)
 
     def splits(plan: _Plan) -> int:
         return _num_splits(batch * kv_heads, max_splits, plan.programs_per_multiprocessor, q.device)
 
     def launch(plan: _Plan) -> None:
-        _launch_plan(plan.tile, splits(plan), q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits,
-                     value_bits, group_size, granules, out)  # fmt: skip
+        _launch_plan(plan.tile, splits(plan), call, granules, out)
 
     # A grid that fills the GPU unsplit keeps its key as the cache grows: no plan splits it.
     most_splits = _num_splits(batch * kv_heads, max_splits, MOST_PROGRAMS_PER_MULTIPROCESSOR, q.device)
@@ -670,37 +696,92 @@ def launch_decode_attention(
     return out
 
 
-def _launch_plan(
-    tile: triton.Config,
-    num_splits: int,
-    q: torch.Tensor,
-    key: QuantizedKV,
-    value: QuantizedKV,
-    mask: torch.Tensor | None,
-    mask_kind: int,
-    is_causal: bool,
-    qk_scale: float,
-    key_bits: int,
-    value_bits: int,
-    group_size: int,
-    granules: int,
-    out: torch.Tensor,
-) -> None:
+def mma_path_unsupported(
+    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, attn_mask: torch.Tensor | None, is_causal: bool,
+    key_bits: int, value_bits: int, group_size: int,
+) -> str | None:  # fmt: skip
+    """Why the blocks quantized on both sides cannot run on the Gluon kernel (None when they can)."""
+    if mma_blocks is None:
+        return "this Triton has no Gluon"
+    return mma_blocks.unsupported(q, key, value, key_bits, value_bits, group_size, attn_mask is not None, is_causal)
+
+
+class _Call(NamedTuple):
+    """One attention call as the kernels take it: the mask expanded to ``[B, Hq, n, T]`` (bool as
+    uint8; ``mask_kind`` 0 none, 1 bool, 2 additive) and the scale in log2 units."""
+
+    q: torch.Tensor
+    key: QuantizedKV
+    value: QuantizedKV
+    mask: torch.Tensor | None
+    mask_kind: int
+    is_causal: bool
+    qk_scale: float
+    key_bits: int
+    value_bits: int
+    group_size: int
+
+    @property
+    def programs(self) -> int:
+        """One per KV head of each batch entry (times the splits)."""
+        return self.q.shape[0] * self.key.residual.shape[1]
+
+    @property
+    def block_m(self) -> int:
+        """Query rows a program holds: its KV head's ``g * n``, padded to a tensor-core tile."""
+        return max(16, triton.next_power_of_2(self.q.shape[2] * self.q.shape[1] // self.key.residual.shape[1]))
+
+
+def _launch_plan(tile: triton.Config, num_splits: int, call: _Call, granules: int, out: torch.Tensor) -> None:
     """The split kernel with ``tile`` over ``num_splits`` splits and, for more than one, the combine."""
-    batch, q_heads, q_len, head_dim = q.shape
-    kv_heads = key.residual.shape[1]
-    group = q_heads // kv_heads
-    block_m = max(16, triton.next_power_of_2(group * q_len))
     tokens_per_split = -(-granules // num_splits) * GRANULE
     if num_splits == 1:  # the kernel writes ``out`` itself; the partial buffers are never touched
-        acc = row_max = row_sum = out
-    else:
-        partials = batch * kv_heads * num_splits * block_m
-        acc = torch.empty(partials, head_dim, dtype=torch.float32, device=q.device)
-        row_max = torch.empty(partials, dtype=torch.float32, device=q.device)
-        row_sum = torch.empty(partials, dtype=torch.float32, device=q.device)
+        _launch_split_kernel(tile, 1, 1, call, tokens_per_split, out, out, out, out)
+        return
+    partials = _partial_buffers(call, num_splits)
+    _launch_split_kernel(tile, num_splits, num_splits, call, tokens_per_split, *partials, out)
+    _launch_combine(call, num_splits, *partials, out)
+
+
+def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
+    """The Gluon kernel over the blocks quantized on both sides (in splits), the Triton kernel over the
+    rest of each sequence (one more partial), and the combine."""
+    capacity = mma_blocks.quantized_capacity(call.key, call.value)
+    splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
+    partials = _partial_buffers(call, splits + 1)
+    mma_blocks.launch(call.q, call.key, call.value, call.qk_scale, splits, splits + 1, *partials)
+    _launch_split_kernel(_configs()[0], 1, splits + 1, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
+    _launch_combine(call, splits + 1, *partials, out)
+
+
+def _partial_buffers(call: _Call, num_partials: int) -> tuple[torch.Tensor, ...]:
+    """Unnormalized outputs, row maxima and row sums of ``num_partials`` partial results per KV head."""
+    rows = call.programs * num_partials * call.block_m
+    q = call.q
+    return (torch.empty(rows, q.shape[-1], dtype=torch.float32, device=q.device),
+            torch.empty(rows, dtype=torch.float32, device=q.device),
+            torch.empty(rows, dtype=torch.float32, device=q.device))  # fmt: skip
+
+
+def _launch_split_kernel(
+    tile: triton.Config,
+    grid_splits: int,
+    num_partials: int,
+    call: _Call,
+    tokens_per_split: int,
+    acc: torch.Tensor,
+    row_max: torch.Tensor,
+    row_sum: torch.Tensor,
+    out: torch.Tensor,
+    tail_block: int = 0,
+) -> None:
+    """``_decode_attention_kernel`` over ``grid_splits`` splits writing partials of ``num_partials``
+    (``out`` itself when that is 1); with ``tail_block``, over the tail after the Gluon kernel's blocks."""
+    q, key, value, mask = call.q, call.key, call.value, call.mask
+    _, q_heads, q_len, head_dim = q.shape
+    kv_heads = key.residual.shape[1]
     mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
-    _decode_attention_kernel[(batch * kv_heads, num_splits)](
+    _decode_attention_kernel[(call.programs, grid_splits)](
         q, *q.stride(),
         key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
         key.residual, *key.residual.stride(), key.lengths,
@@ -708,14 +789,20 @@ def _launch_plan(
         value.residual, *value.residual.stride(), value.lengths,
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, out, *out.stride(),
-        qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_splits, tokens_per_split,
-        SINGLE_SPLIT=num_splits == 1, Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        K_BITS=key_bits, V_BITS=value_bits, GROUP_SIZE=group_size, MASK_KIND=mask_kind,
-        IS_CAUSAL=is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        **tile.all_kwargs(),
+        call.qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_partials, tokens_per_split,
+        SINGLE_SPLIT=num_partials == 1, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        BLOCK_M=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
+        MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        TAIL_BLOCK=tail_block, **tile.all_kwargs(),
     )  # fmt: skip
-    if num_splits > 1:
-        _combine_splits_kernel[(batch * kv_heads,)](
-            acc, row_max, row_sum, out, *out.stride(), kv_heads, num_splits,
-            Q_LEN=q_len, GROUP=group, HEAD_DIM=head_dim, BLOCK_M=block_m,
-        )  # fmt: skip
+
+
+def _launch_combine(
+    call: _Call, num_partials: int, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor, out: torch.Tensor
+) -> None:
+    _, q_heads, q_len, head_dim = call.q.shape
+    kv_heads = call.key.residual.shape[1]
+    _combine_splits_kernel[(call.programs,)](
+        acc, row_max, row_sum, out, *out.stride(), kv_heads, num_partials,
+        Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=call.block_m,
+    )  # fmt: skip

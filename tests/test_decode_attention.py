@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import types
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ from kivi_helpers import poisoned_cache, relative_error
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import append_ref, store_prefill_ref
 from kivi_compile.kernels.cache_layout import QuantizedKV, dequantize_cache_ref
-from kivi_compile.kernels import decode_attention
+from kivi_compile.kernels import decode_attention, decode_attention_mma
 from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -247,3 +248,79 @@ def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
             monkeypatch.setattr(decode_attention, "_plans", lambda plan=plan: [plan])
             monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
             check(q, key, value, spec_k, spec_v)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8), (32, 4), (16, 1)])
+@pytest.mark.parametrize(("prompt", "steps", "residual"), [(4001, [1] * 70, 128), (45, [1] * 3, 32),
+                                                           (1000, [1] * 37, 128), (300, [1] * 5, 64)])  # fmt: skip
+def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, steps, residual, monkeypatch):
+    """The Gluon kernel over the blocks quantized on both sides (1, 4, 8 and 16 query rows per KV head,
+    quantized lengths that are not multiples of its 32-token blocks, split or not) and the Triton
+    kernel over the rest, combined; taken here for caches of any size."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    spec_k, spec_v = CacheSpec(True, 2, 32, residual), CacheSpec(False, 2, 32, residual)
+    outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, prompt, steps, scale=outliers)
+    value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, prompt, steps)
+    q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
+    assert decode_attention.mma_path_unsupported(q, key, value, None, False, 2, 2, 32) is None
+    check(q, key, value, spec_k, spec_v)
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
+    spec = CacheSpec(True, 2, 32, 32)
+    key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
+    q = torch.randn(1, 2, 1, 128, device=DEVICE).half()
+    unsupported = decode_attention.mma_path_unsupported
+    assert "float16" in unsupported(q.bfloat16(), key, key, None, False, 2, 2, 32)
+    assert "2-bit" in unsupported(q, key, key, None, False, 4, 2, 32)
+    assert "mask" in unsupported(q, key, key, torch.ones(1, 1, 1, 100, dtype=torch.bool, device=DEVICE), False,
+                                 2, 2, 32)  # fmt: skip
+    assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, None, False,
+                                      2, 2, 32)  # fmt: skip
+    assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, None, False,
+                                            2, 2, 32)  # fmt: skip
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+def test_the_gluon_kernel_needs_a_cuda_gpu():
+    spec = CacheSpec(True, 2, 32, 32)
+    key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
+    q = torch.randn(1, 2, 1, 128).half()
+    assert "CUDA" in decode_attention.mma_path_unsupported(q, key, key, None, False, 2, 2, 32)
+
+
+def test_triton_tail_and_combine_complete_the_gluon_partials(monkeypatch):
+    """The Gluon kernel's contract, played by PyTorch (partial 0 of each KV head holds its blocks
+    quantized on both sides, rounded down to 32 tokens; the other splits are empty), so that the
+    Triton kernel's tail launch and the combine around it run here, on the interpreter."""
+    spec_k, spec_v = CacheSpec(True, 2, 8, 16), CacheSpec(False, 2, 8, 16)
+    key = filled_cache(spec_k, 2, 2, 32, torch.float32, 100, [1] * 5)
+    value = filled_cache(spec_v, 2, 2, 32, torch.float32, 100, [1] * 5)
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+
+    def gluon_stand_in(q, key, value, qk_scale, splits, num_partials, acc, row_max, row_sum):
+        n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
+        keys = dequantize_cache_ref(key, 2, 8, per_channel=True)[:, :, :n_quant]
+        values = dequantize_cache_ref(value, 2, 8, per_channel=False)[:, :, :n_quant]
+        rows = q.shape[1] // keys.shape[1]
+        scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
+        top = scores.amax(-1)
+        probs = torch.exp2(scores - top[..., None])
+        row_max.fill_(float("-inf")), row_sum.zero_(), acc.zero_()
+        first_split = torch.arange(4, device=q.device) * num_partials * 16  # partial 0 of each KV head
+        index = (first_split[:, None] + torch.arange(rows, device=q.device)).flatten()
+        row_max[index], row_sum[index] = top.flatten(), probs.sum(-1).flatten()
+        acc[index] = (probs @ values).reshape(-1, 32)
+
+    stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
+                                     quantized_capacity=decode_attention_mma.quantized_capacity,
+                                     num_splits=decode_attention_mma.num_splits)  # fmt: skip
+    monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
+    monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    check(q, key, value, spec_k, spec_v)

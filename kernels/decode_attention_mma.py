@@ -1,0 +1,308 @@
+"""Decode attention over the blocks quantized on both sides, in Gluon: the 2-bit codes are unpacked
+straight into the tensor cores' operand registers.
+
+Why a second kernel: the Triton kernel (``decode_attention.py``) is bound by instruction issue, not
+by memory (Nsight Compute on the H200, docs/results.md). Triton picks the register layouts itself,
+and most of its main loop moves bytes into the layout its dots read. Gluon, Triton's
+explicit-layout dialect, lets the layouts be written down: each lane loads exactly the codes of its
+``mma.sync.m16n8k16`` fragments and turns each pair of them into two fp16 operands with a shift, a
+mask and two half-precision operations, with no shared memory.
+
+One warp per program and 32-token blocks (one key group). Lane ``(g, t) = (lane // 4, lane % 4)``.
+For ``S = Q Kᵀ`` (M = query rows, N = the block's tokens, K = channels) it needs tokens ``8j + g``
+and channels ``16c + 2t + e + 8f``. Neither index has to follow the cache's order, only to be the
+same on both sides of the product:
+
+- token ``ν = 8j + g`` is token ``4g + j`` of the block: byte row ``g`` of the packed keys (4 tokens
+  per byte), code ``j`` of every byte;
+- channel ``κ = 16c + 8f + 2t + e`` is channel ``32t + 4c + 2e + f``: lane ``t`` reads the 32
+  contiguous bytes ``32t .. 32t + 31`` of its byte row, a fragment's pair ``e = 0, 1`` sits in bytes
+  ``f`` and ``f + 2`` of a 32-bit word, and one shift and one mask put both codes into the top
+  mantissa bits of two fp16 halves (``1 + code / 4``). The query is loaded in ``κ`` order.
+
+For ``O = P V`` (K = the tokens in ``ν`` order, N = output channels) the lane needs tokens
+``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
+of its tokens' packed values, inside one value group. A fragment pairs two tokens of one channel, so
+the two tokens' words are interleaved by halves first. ``P`` stays in registers between the products
+(the accumulator layout of ``S`` is the operand layout of ``P``, as in FlashAttention-2).
+
+The scope is what the layouts above are written for: float16, head_dim 128, 2-bit keys and values,
+G = 32, at most 16 query rows per KV head, no mask. The Triton kernel takes everything else, and the
+tail of every sequence here (blocks with a residual side), as one more partial result.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from .cache_layout import N_QUANT, QuantizedKV
+
+BLOCK = gl.constexpr(32)  # tokens per block: one key group
+_N_QUANT = gl.constexpr(N_QUANT)
+HEAD_DIM, GROUP_SIZE, BITS, MAX_ROWS = 128, 32, 2, 16  # what the layouts below are written for
+# One warp per program takes ~240 registers, so 8 programs fit on a multiprocessor. The splits fill one
+# wave of them and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02) the split that
+# made more programs than fit at once took 0.772 ms against 0.626 for the one below it.
+PROGRAMS_PER_MULTIPROCESSOR = 8
+MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
+
+_MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
+_A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
+_B = gl.constexpr(gl.DotOperandLayout(operand_index=1, parent=_MMA, k_width=2))
+# Key words [c, t, g]: word c of lane (g, t) holds bytes 32t + 4c .. 32t + 4c + 3 of byte row g.
+_KEY_WORDS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[1, 0, 0], [2, 0, 0], [4, 0, 0]],
+    lane_bases=[[0, 1, 0], [0, 2, 0], [0, 0, 1], [0, 0, 2], [0, 0, 4]],
+    warp_bases=[], block_bases=[], shape=[8, 4, 8]))  # fmt: skip
+# Key scales [t, p]: lane t holds channels 32t + p (p = 4c + 2e + f) of the block's group, for every g.
+_KEY_SCALES = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]],
+    lane_bases=[[1, 0], [2, 0], [0, 0], [0, 0], [0, 0]],
+    warp_bases=[], block_bases=[], shape=[4, 32]))  # fmt: skip
+# Value words and scales [h, f, t, g, e]: word g of token 8t + 4e + 2h + f (nu = 16h + 8f + 2t + e).
+_VALUE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
+    reg_bases=[[0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]],
+    lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
+    warp_bases=[], block_bases=[], shape=[2, 2, 4, 8, 2]))  # fmt: skip
+ONE_HALVES = gl.constexpr(0x3C003C00)  # fp16 1.0 twice; codes at mantissa bits 8-9 make 1 + code / 4
+CODE_BITS = gl.constexpr(0x03000300)  # mantissa bits 8-9 of both halves
+# The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
+# is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
+RESCALE_THRESHOLD = gl.constexpr(8.0)
+
+
+def _axis(parent, rank: int, axis: int):
+    """The layout of an index along ``axis`` of a rank-``rank`` tensor in ``parent``."""
+    layout = parent
+    for dim in reversed(range(rank)):
+        if dim != axis:
+            layout = gl.SliceLayout(dim, layout)
+    return layout
+
+
+_KW_C, _KW_T, _KW_G = (gl.constexpr(_axis(_KEY_WORDS, 3, axis)) for axis in range(3))
+_KS_T, _KS_P = (gl.constexpr(_axis(_KEY_SCALES, 2, axis)) for axis in range(2))
+_VW_H, _VW_F, _VW_T, _VW_G, _VW_E = (gl.constexpr(_axis(_VALUE_WORDS, 5, axis)) for axis in range(5))
+
+
+@gluon.jit
+def _index(n: gl.constexpr, axis: gl.constexpr, rank: gl.constexpr, layout: gl.constexpr):
+    """``arange(n)`` along ``axis`` of a rank-``rank`` tensor (size 1 on the other axes)."""
+    x = gl.arange(0, n, layout=layout)
+    if axis != 0:
+        x = gl.expand_dims(x, 0)
+    if axis != 1:
+        x = gl.expand_dims(x, 1)
+    if rank > 2 and axis != 2:
+        x = gl.expand_dims(x, 2)
+    if rank > 3 and axis != 3:
+        x = gl.expand_dims(x, 3)
+    if rank > 4 and axis != 4:
+        x = gl.expand_dims(x, 4)
+    return x
+
+
+@gluon.jit
+def _codes(words):
+    """``code / 4`` of the codes at bits 8-9 and 24-25 of each word, as ``[..., 2]`` fp16 (low half first).
+    OR-ing the codes into the mantissa of 1.0 and subtracting 1.0 (one ``sub.f16x2``) is exact and
+    needs no int-to-float conversion."""
+    lo, hi = gl.inline_asm_elementwise(
+        "{ .reg .b32 one, x; mov.b32 one, 0x3C003C00; sub.f16x2 x, $2, one; mov.b32 {$0, $1}, x; }",
+        "=h,=h,r", [(words & CODE_BITS) | ONE_HALVES], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    return gl.join(lo, hi)
+
+
+@gluon.jit
+def _key_lane(words, j: gl.constexpr):
+    """Codes / 4 of token lane ``j`` as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
+    return gl.join(_codes(words << (8 - 2 * j)), _codes(words >> (2 * j)))
+
+
+@gluon.jit
+def _kappa_order(x):
+    """Key scales ``[t, 4c + 2e + f]`` as the vector along the key operand's rows ``κ = 16c + 8f + 2t + e``."""
+    x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 3, 0, 2))  # [c, f, t, e]
+    return gl.convert_layout(gl.reshape(x, (128,)), gl.SliceLayout(1, _B), assert_trivial=True)
+
+
+@gluon.jit
+def _key_operand(kc, ks, km, start, word_offsets, scale_offsets):
+    """The block's keys as the ``[κ, ν]`` operand of ``S = Q Kᵀ``, dequantized in fp16."""
+    words = gl.load(kc + (start // 4) * 32 + word_offsets).to(gl.uint32, bitcast=True)
+    scale4 = _kappa_order(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * 4.0)
+    group_min = _kappa_order(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
+    x = gl.join(gl.join(_key_lane(words, 0), _key_lane(words, 1)), gl.join(_key_lane(words, 2), _key_lane(words, 3)))
+    # [c, t, g, e, f, j0, j1] -> [c, f, t, e, j1, j0, g]: kappa = 16c + 8f + 2t + e, nu = 8j + g
+    x = gl.convert_layout(gl.reshape(gl.permute(x, (0, 4, 1, 3, 6, 5, 2)), (128, 32)), _B, assert_trivial=True)
+    return x * scale4[:, None] + group_min[:, None]
+
+
+@gluon.jit
+def _value_channel(low, high, u: gl.constexpr, scale4, group_min):
+    """Values of output channel ``u`` of each lane's word (two tokens) as ``[h, f, t, g, e]`` fp16."""
+    if u < 8:
+        words = low
+    else:
+        words = high
+    shift: gl.constexpr = 2 * (u % 8) - 8  # moves the code at bits 2u (and 16 + 2u) to bits 8 (and 24)
+    if shift < 0:
+        words = words << -shift
+    elif shift > 0:
+        words = words >> shift
+    return _codes(words) * scale4 + group_min
+
+
+@gluon.jit
+def _value_quad(low, high, u: gl.constexpr, scale4, group_min):
+    """Channels ``u .. u + 3`` joined on two new trailing axes (bits 0 and 1 of the channel)."""
+    return gl.join(gl.join(_value_channel(low, high, u, scale4, group_min),
+                           _value_channel(low, high, u + 1, scale4, group_min)),
+                   gl.join(_value_channel(low, high, u + 2, scale4, group_min),
+                           _value_channel(low, high, u + 3, scale4, group_min)))  # fmt: skip
+
+
+@gluon.jit
+def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets):
+    """The block's values as the ``[ν, μ]`` operand of ``O = P V``, dequantized in fp16."""
+    words = gl.load(vc + start * 8 + word_offsets).to(gl.uint32, bitcast=True)
+    first, second = gl.split(words)  # the fragment's token pair (e = 0, 1)
+    low = (first & 0xFFFF) | (second << 16)  # channels 0-7 of both tokens
+    high = (first >> 16) | (second & 0xFFFF0000)  # channels 8-15
+    scale4 = gl.load(vs + start * 4 + scale_offsets) * 4.0
+    group_min = gl.load(vm + start * 4 + scale_offsets)
+    v = gl.join(gl.join(_value_quad(low, high, 0, scale4, group_min), _value_quad(low, high, 4, scale4, group_min)),
+                gl.join(_value_quad(low, high, 8, scale4, group_min), _value_quad(low, high, 12, scale4, group_min)))
+    # [h, f, t, g, e, u0, u1, u2, u3] -> [h, f, t, e, u3, u2, u1, u0, g]: nu = 16h + 8f + 2t + e, mu = 8u + g
+    v = gl.reshape(gl.permute(v, (0, 1, 2, 4, 8, 7, 6, 5, 3)), (32, 128))
+    return gl.convert_layout(v, _B, assert_trivial=True)
+
+
+@gluon.jit
+def _quantized_blocks_kernel(
+    q_ptr, stride_qb, stride_qh,
+    kc_ptr, stride_kcb, stride_kch, ks_ptr, km_ptr, stride_ksb, stride_ksh, k_lengths_ptr,
+    vc_ptr, stride_vcb, stride_vch, vs_ptr, vm_ptr, stride_vsb, stride_vsh, v_lengths_ptr,
+    acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
+    ROWS: gl.constexpr,
+):  # fmt: skip
+    """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
+    one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words."""
+    pid = gl.program_id(0)
+    split = gl.program_id(1)
+    batch = (pid // kv_heads).to(gl.int64)
+    kv_head = pid % kv_heads
+    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, _A))
+    kappa = gl.arange(0, 128, layout=gl.SliceLayout(0, _A))
+    within = kappa % 16
+    channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within % 2) + within // 8
+    q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[:, None] * stride_qh + channel[None, :],
+                mask=(rows < ROWS)[:, None], other=0.0)  # fmt: skip
+    kc = kc_ptr + batch * stride_kcb + kv_head * stride_kch
+    ks = ks_ptr + batch * stride_ksb + kv_head * stride_ksh
+    km = km_ptr + batch * stride_ksb + kv_head * stride_ksh
+    vc = vc_ptr + batch * stride_vcb + kv_head * stride_vch
+    vs = vs_ptr + batch * stride_vsb + kv_head * stride_vsh
+    vm = vm_ptr + batch * stride_vsb + kv_head * stride_vsh
+    key_words = _index(8, 0, 3, _KW_C) + 8 * _index(4, 1, 3, _KW_T) + 32 * _index(8, 2, 3, _KW_G)
+    key_scales = 32 * _index(4, 0, 2, _KS_T) + _index(32, 1, 2, _KS_P)
+    tokens = (2 * _index(2, 0, 5, _VW_H) + _index(2, 1, 5, _VW_F) + 8 * _index(4, 2, 5, _VW_T)
+              + 4 * _index(2, 4, 5, _VW_E))  # fmt: skip
+    word = _index(8, 3, 5, _VW_G)
+    value_words = tokens * 8 + word
+    value_scales = tokens * 4 + word // 2
+
+    both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
+    first = split * tokens_per_split
+    last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
+    acc = gl.zeros([16, 128], gl.float32, layout=_MMA)
+    row_sum = gl.zeros([16, 32], gl.float32, layout=_MMA)  # summed over the tokens at the end
+    row_max = gl.full([16], -float("inf"), gl.float32, layout=gl.SliceLayout(1, _MMA))
+    for start in range(first, last, BLOCK):
+        keys = _key_operand(kc, ks, km, start, key_words, key_scales)
+        scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA))
+        block_max = gl.max(scores, axis=1)
+        if gl.max((block_max - row_max) * qk_scale, axis=0) > RESCALE_THRESHOLD:
+            new_max = gl.maximum(row_max, block_max)
+            rescale = gl.exp2((row_max - new_max) * qk_scale)
+            acc = acc * rescale[:, None]
+            row_sum = row_sum * rescale[:, None]
+            row_max = new_max
+        probs = gl.exp2((scores - row_max[:, None]) * qk_scale)
+        row_sum += probs
+        values = _value_operand(vc, vs, vm, start, value_words, value_scales)
+        acc = gl.nvidia.ampere.mma_v2(gl.convert_layout(probs.to(gl.float16), _A), values, acc)
+
+    partial = (pid * num_partials + split) * 16
+    r = gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA))
+    mu = gl.arange(0, 128, layout=gl.SliceLayout(0, _MMA))
+    gl.store(acc_ptr + (partial + r)[:, None] * 128 + (16 * (mu % 8) + mu // 8)[None, :], acc,
+             mask=(r < ROWS)[:, None])  # fmt: skip
+    gl.store(max_ptr + partial + r, row_max * qk_scale, mask=r < ROWS)
+    gl.store(sum_ptr + partial + r, gl.sum(row_sum, axis=1), mask=r < ROWS)
+
+
+@functools.lru_cache
+def _has_mma_v2(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
+                group_size: int, has_mask: bool, is_causal: bool) -> str | None:  # fmt: skip
+    """Why this kernel cannot take the quantized blocks of these inputs (None when it can)."""
+    _, q_heads, q_len, head_dim = q.shape
+    rows = q_len * q_heads // key.residual.shape[1]
+    if not q.is_cuda or not _has_mma_v2(q.device):
+        return "needs a CUDA GPU with mma.sync (compute capability 8.0 or newer)"
+    if (q.dtype, head_dim, key_bits, value_bits, group_size) != (torch.float16, HEAD_DIM, BITS, BITS, GROUP_SIZE):
+        return "written for float16, head_dim 128, 2-bit keys and values and G = 32"
+    if has_mask or is_causal:
+        return "takes no attention mask"
+    if rows > MAX_ROWS:
+        return f"{rows} query rows per KV head exceed {MAX_ROWS}"
+    if q.stride(-1) != 1 or q_len != 1:
+        return "takes one query token per head, with contiguous channels"
+    dense_rows = {
+        "key codes": (key.codes, HEAD_DIM), "key scales": (key.scales, HEAD_DIM), "key mins": (key.mins, HEAD_DIM),
+        "value codes": (value.codes, HEAD_DIM // 4), "value scales": (value.scales, HEAD_DIM // GROUP_SIZE),
+        "value mins": (value.mins, HEAD_DIM // GROUP_SIZE),
+    }  # fmt: skip
+    for name, (tensor, row) in dense_rows.items():
+        if tensor.stride(-1) != 1 or tensor.stride(-2) != row or tensor.data_ptr() % 16:
+            return f"{name} are not dense rows aligned to 16 bytes"
+    if key.scales.stride() != key.mins.stride() or value.scales.stride() != value.mins.stride():
+        return "scales and mins have different strides"
+    return None
+
+
+def quantized_capacity(key: QuantizedKV, value: QuantizedKV) -> int:
+    """The most tokens the buffers can hold quantized on both sides (their count is on the device)."""
+    return min(key.codes.shape[-2] * 4, value.codes.shape[-2])
+
+
+def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
+    """As many splits of the quantized blocks as fill one wave of programs (at least one)."""
+    fitting = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
+    return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
+
+
+def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, qk_scale: float, splits: int, num_partials: int,
+           acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
+    """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks."""
+    batch, q_heads = q.shape[:2]
+    kv_heads = key.residual.shape[1]
+    tokens_per_split = -(-quantized_capacity(key, value) // (splits * BLOCK.value)) * BLOCK.value
+    key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
+    _quantized_blocks_kernel[(batch * kv_heads, splits)](
+        q, q.stride(0), q.stride(1),
+        key_words, key_words.stride(0), key_words.stride(1), key.scales, key.mins, *key.scales.stride()[:2],
+        key.lengths,
+        value_words, value_words.stride(0), value_words.stride(1), value.scales, value.mins,
+        *value.scales.stride()[:2], value.lengths,
+        acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
+        ROWS=q_heads // kv_heads, num_warps=1,
+    )  # fmt: skip
