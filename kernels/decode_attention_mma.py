@@ -261,7 +261,7 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
     if (q.dtype, head_dim, key_bits, value_bits, group_size) != (torch.float16, HEAD_DIM, BITS, BITS, GROUP_SIZE):
         return "written for float16, head_dim 128, 2-bit keys and values and G = 32"
     if has_mask or is_causal:
-        return "takes no attention mask"
+        return "takes no attention mask and no is_causal"
     if rows > MAX_ROWS:
         return f"{rows} query rows per KV head exceed {MAX_ROWS}"
     if q.stride(-1) != 1 or q_len != 1:
