@@ -125,12 +125,13 @@ PROGRAMS_PER_MULTIPROCESSOR = 4
 REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
 # The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
 MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
-# The Gluon kernel takes the quantized blocks only when there are at least this many (tokens of buffer
-# capacity x KV heads x batch): below it the step is bound by host time, and its three launches cost more
-# than the Triton kernel's one or two. H200 (2026-12-02, benchmarks/bench_decode_attention.py): faster at
-# 1.0M token-heads and above (B = 8 at T = 4k: 0.146 ms against 0.181; B = 96 at T = 340: 0.219 against
-# 0.248), slower at 262k (B = 8, T = 1k: 0.237 against 0.088) and 11k (B = 1, T = 340: 0.157 against 0.056).
-MMA_MIN_TOKEN_HEADS = 1 << 20
+# The Gluon kernel takes the quantized blocks only when there are at least this many (tokens the buffers
+# can hold quantized x KV heads x batch): below it the step is bound by host time, and its three launches
+# cost more than the Triton kernel's one or two. H200 (2026-12-02, benchmarks/bench_decode_attention.py):
+# faster from 688k token-heads up (B = 96 at T = 340: 0.219 ms against 0.248; B = 8 at T = 4k, 1.02M:
+# 0.146 against 0.181), slower at 229k (B = 8, T = 1k: 0.237 against 0.088) and 7k (B = 1, T = 340: 0.157
+# against 0.056).
+MMA_MIN_TOKEN_HEADS = 1 << 19
 # Plans whose result differs from the median of the tiles' results by more than this are not used
 # (:func:`_agreeing_plans`).
 TILE_DISAGREEMENT = 1e-2
