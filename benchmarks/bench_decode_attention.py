@@ -20,9 +20,9 @@ table times one decode step's appends for all layers (K and V) against the step'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
-import contextlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,7 +98,7 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
         return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
 
     kernel_ms = do_bench(attention)
-    gluon = decode_attention.mma_path_unsupported(q, key.kv, value.kv, None, False, bits, bits, group) is None
+    gluon = decode_attention.uses_mma_path(q, key.kv, value.kv, None, False, bits, bits, group)
     with triton_kernel_only():
         decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
         triton_ms = do_bench(attention)

@@ -669,8 +669,7 @@ def launch_decode_attention(
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
     call = _Call(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
-    if (mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is None
-            and batch * kv_heads * mma_blocks.quantized_capacity(key, value) >= MMA_MIN_TOKEN_HEADS):
+    if uses_mma_path(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size):
         _launch_mma_path(call, out)
         return out
     # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
@@ -695,6 +694,17 @@ def launch_decode_attention(
         plan = _TUNED_PLANS[tuning_key] = _fastest_plan(launch, splits, out)
     launch(plan)
     return out
+
+
+def uses_mma_path(
+    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, attn_mask: torch.Tensor | None, is_causal: bool,
+    key_bits: int, value_bits: int, group_size: int,
+) -> bool:  # fmt: skip
+    """Whether the blocks quantized on both sides run on the Gluon kernel: it takes the inputs, and
+    there are enough of them (``MMA_MIN_TOKEN_HEADS``)."""
+    if mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is not None:
+        return False
+    return q.shape[0] * key.residual.shape[1] * mma_blocks.quantized_capacity(key, value) >= MMA_MIN_TOKEN_HEADS
 
 
 def mma_path_unsupported(
