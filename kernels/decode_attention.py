@@ -17,10 +17,10 @@ their own, short sequences) the first one normalizes and stores the output itsel
 instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
 capacity so nothing waits for the host.
 
-For the common decode step (float16, head_dim 128, 2-bit, G = 32, no mask, one token) the blocks
-quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 1.35x faster
-at B = 8, T = 32k on the H200), and this kernel only adds the rest of each sequence as one more
-partial.
+For the common large decode step (float16, head_dim 128, 2-bit, G = 32, no mask, one token) the
+blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 1.35x
+faster at B = 8, T = 32k on the H200), and this kernel only adds the rest of each sequence as one
+more partial.
 """
 
 from __future__ import annotations
@@ -702,9 +702,12 @@ def uses_mma_path(
 ) -> bool:  # fmt: skip
     """Whether the blocks quantized on both sides run on the Gluon kernel: it takes the inputs, and
     there are enough of them (``MMA_MIN_TOKEN_HEADS``)."""
-    if mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is not None:
+    # The size first: it is the cheap check, and it turns away every small (host-bound) step.
+    if mma_blocks is None or q.shape[0] * key.residual.shape[1] * mma_blocks.quantized_capacity(key, value) < (
+        MMA_MIN_TOKEN_HEADS
+    ):
         return False
-    return q.shape[0] * key.residual.shape[1] * mma_blocks.quantized_capacity(key, value) >= MMA_MIN_TOKEN_HEADS
+    return mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is None
 
 
 def mma_path_unsupported(
@@ -760,9 +763,16 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     capacity = mma_blocks.quantized_capacity(call.key, call.value)
     splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
     partials = _partial_buffers(call, splits + 1)
-    mma_blocks.launch(call.q, call.key, call.value, call.qk_scale, splits, splits + 1, *partials)
-    _launch_split_kernel(_configs()[0], 1, splits + 1, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
+    mma_blocks.launch(call.q, call.key, call.value, call.qk_scale, capacity, splits, splits + 1, *partials)
+    _launch_split_kernel(_tail_tile(), 1, splits + 1, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
     _launch_combine(call, splits + 1, *partials, out)
+
+
+@functools.lru_cache
+def _tail_tile() -> triton.Config:
+    """The tile of the Triton launch after the Gluon kernel's blocks: the first of :func:`_configs`,
+    built once (this launch runs in every layer of every large decode step)."""
+    return _configs()[0]
 
 
 def _partial_buffers(call: _Call, num_partials: int) -> tuple[torch.Tensor, ...]:
@@ -803,8 +813,8 @@ def _launch_split_kernel(
         call.qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_partials, tokens_per_split,
         SINGLE_SPLIT=num_partials == 1, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
-        MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        TAIL_BLOCK=tail_block, **tile.all_kwargs(),
+        MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, TAIL_BLOCK=tail_block,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **tile.all_kwargs(),
     )  # fmt: skip
 
 

@@ -70,6 +70,9 @@ _VALUE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
     warp_bases=[], block_bases=[], shape=[2, 2, 4, 8, 2]))  # fmt: skip
 ONE_HALVES = gl.constexpr(0x3C003C00)  # fp16 1.0 twice; codes at mantissa bits 8-9 make 1 + code / 4
 CODE_BITS = gl.constexpr(0x03000300)  # mantissa bits 8-9 of both halves
+SUBTRACT_ONE_AND_SPLIT = gl.constexpr(
+    f"{{ .reg .b32 one, x; mov.b32 one, {ONE_HALVES.value:#x}; sub.f16x2 x, $2, one; mov.b32 {{$0, $1}}, x; }}"
+)
 # The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
 # is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
 RESCALE_THRESHOLD = gl.constexpr(8.0)
@@ -111,9 +114,8 @@ def _codes(words):
     """``code / 4`` of the codes at bits 8-9 and 24-25 of each word, as ``[..., 2]`` fp16 (low half first).
     OR-ing the codes into the mantissa of 1.0 and subtracting 1.0 (one ``sub.f16x2``) is exact and
     needs no int-to-float conversion."""
-    lo, hi = gl.inline_asm_elementwise(
-        "{ .reg .b32 one, x; mov.b32 one, 0x3C003C00; sub.f16x2 x, $2, one; mov.b32 {$0, $1}, x; }",
-        "=h,=h,r", [(words & CODE_BITS) | ONE_HALVES], dtype=(gl.float16, gl.float16), is_pure=True, pack=1)
+    lo, hi = gl.inline_asm_elementwise(SUBTRACT_ONE_AND_SPLIT, "=h,=h,r", [(words & CODE_BITS) | ONE_HALVES],
+                                       dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
     return gl.join(lo, hi)
 
 
@@ -290,12 +292,13 @@ def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> 
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
-def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, qk_scale: float, splits: int, num_partials: int,
-           acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
-    """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks."""
+def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, qk_scale: float, capacity: int, splits: int,
+           num_partials: int, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
+    """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
+    ``capacity`` is :func:`quantized_capacity`, which the caller has already taken."""
     batch, q_heads = q.shape[:2]
     kv_heads = key.residual.shape[1]
-    tokens_per_split = -(-quantized_capacity(key, value) // (splits * BLOCK.value)) * BLOCK.value
+    tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
     key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
     _quantized_blocks_kernel[(batch * kv_heads, splits)](
         q, q.stride(0), q.stride(1),

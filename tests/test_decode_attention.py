@@ -303,7 +303,7 @@ def test_triton_tail_and_combine_complete_the_gluon_partials(monkeypatch):
     value = filled_cache(spec_v, 2, 2, 32, torch.float32, 100, [1] * 5)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
 
-    def gluon_stand_in(q, key, value, qk_scale, splits, num_partials, acc, row_max, row_sum):
+    def gluon_stand_in(q, key, value, qk_scale, capacity, splits, num_partials, acc, row_max, row_sum):
         n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
         keys = dequantize_cache_ref(key, 2, 8, per_channel=True)[:, :, :n_quant]
         values = dequantize_cache_ref(value, 2, 8, per_channel=False)[:, :, :n_quant]
@@ -311,7 +311,9 @@ def test_triton_tail_and_combine_complete_the_gluon_partials(monkeypatch):
         scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
         top = scores.amax(-1)
         probs = torch.exp2(scores - top[..., None])
-        row_max.fill_(float("-inf")), row_sum.zero_(), acc.zero_()
+        row_max.fill_(float("-inf"))
+        row_sum.zero_()
+        acc.zero_()
         first_split = torch.arange(4, device=q.device) * num_partials * 16  # partial 0 of each KV head
         index = (first_split[:, None] + torch.arange(rows, device=q.device)).flatten()
         row_max[index], row_sum[index] = top.flatten(), probs.sum(-1).flatten()
