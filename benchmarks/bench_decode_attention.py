@@ -94,11 +94,12 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
+
     def attention() -> torch.Tensor:
         return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
 
     kernel_ms = do_bench(attention)
-    gluon = decode_attention.uses_mma_path(q, key.kv, value.kv, None, False, bits, bits, group)
+    gluon = decode_attention.uses_mma_path(q, key.kv, value.kv, False, bits, bits, group)
     with triton_kernel_only():
         decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
         triton_ms = do_bench(attention)

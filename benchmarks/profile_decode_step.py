@@ -23,7 +23,9 @@ from torch.profiler import ProfilerActivity, profile
 from bench_generate import SHAPES, Method, build_model
 
 KINDS = (  # first match wins: (kind, substrings of the kernel name)
-    ("kivi attention", ("_decode_attention_kernel", "_combine_splits_kernel")),
+    ("kivi attention: gluon blocks", ("_quantized_blocks_kernel",)),
+    ("kivi attention: triton", ("_decode_attention_kernel",)),
+    ("kivi attention: combine", ("_combine_splits_kernel",)),
     ("kivi append", ("_append_kernel", "_append_kv_kernel")),
     ("matmul", ("gemm", "sm90_", "cutlass", "nvjet", "xmma", "splitk")),
     ("sdpa", ("flash", "fmha", "attention")),

@@ -17,8 +17,8 @@ their own, short sequences) the first one normalizes and stores the output itsel
 instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
 capacity so nothing waits for the host.
 
-For the common large decode step (float16, head_dim 128, 2-bit, G = 32, no mask, one token) the
-blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 1.35x
+For the common large decode step (float16, head_dim 128, 2-bit, G = 32, one token) the
+blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.0x
 faster at B = 8, T = 32k on the H200), and this kernel only adds the rest of each sequence as one
 more partial.
 """
@@ -392,6 +392,9 @@ def _decode_attention_kernel(
     block_order = _block_token_order(BLOCK_N, 8 // K_BITS)
     value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS)
     if TAIL_BLOCK > 0:  # the blocks before are the Gluon kernel's (decode_attention_mma.py): the last partial
+        # The loops below need the tail to start on a block of theirs (a 64-token tile after 32-token blocks
+        # counts the tokens at the residual boundary twice).
+        tl.static_assert(TAIL_BLOCK % BLOCK_N == 0, "the tail's tile must divide the Gluon kernel's blocks")
         first = (tl.minimum(k_quantized, v_quantized) // TAIL_BLOCK) * TAIL_BLOCK
         last = seq_len
         split += num_splits - 1
@@ -669,7 +672,7 @@ def launch_decode_attention(
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
     call = _Call(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
-    if uses_mma_path(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size):
+    if uses_mma_path(q, key, value, is_causal, key_bits, value_bits, group_size):
         _launch_mma_path(call, out)
         return out
     # The longest sequence the buffers can hold bounds the tokens (their count is on the device).
@@ -697,8 +700,8 @@ def launch_decode_attention(
 
 
 def uses_mma_path(
-    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, attn_mask: torch.Tensor | None, is_causal: bool,
-    key_bits: int, value_bits: int, group_size: int,
+    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, is_causal: bool, key_bits: int, value_bits: int,
+    group_size: int,
 ) -> bool:  # fmt: skip
     """Whether the blocks quantized on both sides run on the Gluon kernel: it takes the inputs, and
     there are enough of them (``MMA_MIN_TOKEN_HEADS``)."""
@@ -707,17 +710,17 @@ def uses_mma_path(
         MMA_MIN_TOKEN_HEADS
     ):
         return False
-    return mma_path_unsupported(q, key, value, attn_mask, is_causal, key_bits, value_bits, group_size) is None
+    return mma_path_unsupported(q, key, value, is_causal, key_bits, value_bits, group_size) is None
 
 
 def mma_path_unsupported(
-    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, attn_mask: torch.Tensor | None, is_causal: bool,
-    key_bits: int, value_bits: int, group_size: int,
+    q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, is_causal: bool, key_bits: int, value_bits: int,
+    group_size: int,
 ) -> str | None:  # fmt: skip
     """Why the blocks quantized on both sides cannot run on the Gluon kernel (None when they can)."""
     if mma_blocks is None:
         return "this Triton has no Gluon"
-    return mma_blocks.unsupported(q, key, value, key_bits, value_bits, group_size, attn_mask is not None, is_causal)
+    return mma_blocks.unsupported(q, key, value, key_bits, value_bits, group_size, is_causal)
 
 
 class _Call(NamedTuple):
@@ -763,7 +766,8 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     capacity = mma_blocks.quantized_capacity(call.key, call.value)
     splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
     partials = _partial_buffers(call, splits + 1)
-    mma_blocks.launch(call.q, call.key, call.value, call.qk_scale, capacity, splits, splits + 1, *partials)
+    mma_blocks.launch(call.q, call.key, call.value, call.mask, call.mask_kind, call.qk_scale, capacity, splits,
+                      splits + 1, *partials)  # fmt: skip
     _launch_split_kernel(_tail_tile(), 1, splits + 1, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
     _launch_combine(call, splits + 1, *partials, out)
 

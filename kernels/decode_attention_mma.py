@@ -26,9 +26,14 @@ of its tokens' packed values, inside one value group. A fragment pairs two token
 the two tokens' words are interleaved by halves first. ``P`` stays in registers between the products
 (the accumulator layout of ``S`` is the operand layout of ``P``, as in FlashAttention-2).
 
+Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout: column ``ν``
+of a block is token ``4 (ν mod 8) + ν // 8``. Rows that see no token yet (left padding) keep a maximum
+of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
+
 The scope is what the layouts above are written for: float16, head_dim 128, 2-bit keys and values,
-G = 32, at most 16 query rows per KV head, no mask. The Triton kernel takes everything else, and the
-tail of every sequence here (blocks with a residual side), as one more partial result.
+G = 32, one query token, at most 16 query rows per KV head, not causal. The Triton kernel takes
+everything else, and the tail of every sequence here (blocks with a residual side), as one more partial
+result.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ SUBTRACT_ONE_AND_SPLIT = gl.constexpr(
 # The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
 # is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
 RESCALE_THRESHOLD = gl.constexpr(8.0)
+LOG2E = gl.constexpr(1.4426950408889634)
 
 
 def _axis(parent, rank: int, axis: int):
@@ -185,15 +191,35 @@ def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets):
 
 
 @gluon.jit
+def _masked(scores, mask_ptrs, MASK_KIND: gl.constexpr):
+    """Scores (log2 units) with a boolean (1: True attends) or additive (2) mask applied."""
+    if MASK_KIND == 1:
+        scores = gl.where(gl.load(mask_ptrs) != 0, scores, -float("inf"))
+    elif MASK_KIND == 2:
+        scores += gl.load(mask_ptrs).to(gl.float32) * LOG2E
+    return scores
+
+
+@gluon.jit
+def _nonzero_max(row_max):
+    """``row_max`` with ``-inf`` (rows that have seen nothing) as 0, so ``x - max`` is never NaN."""
+    return gl.where(row_max == -float("inf"), 0.0, row_max)
+
+
+# The mask's strides hold the sequence length, which grows every decode step: specializing on them
+# (divisible by 16 or not) would compile the kernel again mid-generate.
+@gluon.jit(do_not_specialize=("stride_mb", "stride_mh"))
 def _quantized_blocks_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, stride_kcb, stride_kch, ks_ptr, km_ptr, stride_ksb, stride_ksh, k_lengths_ptr,
     vc_ptr, stride_vcb, stride_vch, vs_ptr, vm_ptr, stride_vsb, stride_vsh, v_lengths_ptr,
+    mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
-    ROWS: gl.constexpr,
+    ROWS: gl.constexpr, MASK_KIND: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
-    one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words."""
+    one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
+    mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
     batch = (pid // kv_heads).to(gl.int64)
@@ -218,6 +244,10 @@ def _quantized_blocks_kernel(
     value_words = tokens * 8 + word
     value_scales = tokens * 4 + word // 2
 
+    score_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA))
+    nu = gl.arange(0, 32, layout=gl.SliceLayout(0, _MMA))
+    mask_ptrs = (mask_ptr + batch * stride_mb + (kv_head * ROWS + score_rows)[:, None] * stride_mh
+                 + (4 * (nu % 8) + nu // 8)[None, :] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
     first = split * tokens_per_split
     last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
@@ -226,15 +256,17 @@ def _quantized_blocks_kernel(
     row_max = gl.full([16], -float("inf"), gl.float32, layout=gl.SliceLayout(1, _MMA))
     for start in range(first, last, BLOCK):
         keys = _key_operand(kc, ks, km, start, key_words, key_scales)
-        scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA))
+        scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA)) * qk_scale
+        if MASK_KIND != 0:
+            scores = _masked(scores, mask_ptrs + start * stride_mt, MASK_KIND)
         block_max = gl.max(scores, axis=1)
-        if gl.max((block_max - row_max) * qk_scale, axis=0) > RESCALE_THRESHOLD:
+        if gl.max((block_max > row_max + RESCALE_THRESHOLD).to(gl.int32), axis=0) > 0:
             new_max = gl.maximum(row_max, block_max)
-            rescale = gl.exp2((row_max - new_max) * qk_scale)
+            rescale = gl.exp2(row_max - _nonzero_max(new_max))
             acc = acc * rescale[:, None]
             row_sum = row_sum * rescale[:, None]
             row_max = new_max
-        probs = gl.exp2((scores - row_max[:, None]) * qk_scale)
+        probs = gl.exp2(scores - _nonzero_max(row_max)[:, None])
         row_sum += probs
         values = _value_operand(vc, vs, vm, start, value_words, value_scales)
         acc = gl.nvidia.ampere.mma_v2(gl.convert_layout(probs.to(gl.float16), _A), values, acc)
@@ -244,7 +276,7 @@ def _quantized_blocks_kernel(
     mu = gl.arange(0, 128, layout=gl.SliceLayout(0, _MMA))
     gl.store(acc_ptr + (partial + r)[:, None] * 128 + (16 * (mu % 8) + mu // 8)[None, :], acc,
              mask=(r < ROWS)[:, None])  # fmt: skip
-    gl.store(max_ptr + partial + r, row_max * qk_scale, mask=r < ROWS)
+    gl.store(max_ptr + partial + r, row_max, mask=r < ROWS)
     gl.store(sum_ptr + partial + r, gl.sum(row_sum, axis=1), mask=r < ROWS)
 
 
@@ -254,7 +286,7 @@ def _has_mma_v2(device: torch.device) -> bool:
 
 
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
-                group_size: int, has_mask: bool, is_causal: bool) -> str | None:  # fmt: skip
+                group_size: int, is_causal: bool) -> str | None:  # fmt: skip
     """Why this kernel cannot take the quantized blocks of these inputs (None when it can)."""
     _, q_heads, q_len, head_dim = q.shape
     rows = q_len * q_heads // key.residual.shape[1]
@@ -262,8 +294,8 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
         return "needs a CUDA GPU with mma.sync (compute capability 8.0 or newer)"
     if (q.dtype, head_dim, key_bits, value_bits, group_size) != (torch.float16, HEAD_DIM, BITS, BITS, GROUP_SIZE):
         return "written for float16, head_dim 128, 2-bit keys and values and G = 32"
-    if has_mask or is_causal:
-        return "takes no attention mask and no is_causal"
+    if is_causal:
+        return "takes no is_causal (one query token over the whole cache needs none)"
     if rows > MAX_ROWS:
         return f"{rows} query rows per KV head exceed {MAX_ROWS}"
     if q.stride(-1) != 1 or q_len != 1:
@@ -292,20 +324,24 @@ def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> 
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
-def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, qk_scale: float, capacity: int, splits: int,
-           num_partials: int, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
+def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Tensor | None, mask_kind: int,
+           qk_scale: float, capacity: int, splits: int, num_partials: int, acc: torch.Tensor, row_max: torch.Tensor,
+           row_sum: torch.Tensor) -> None:  # fmt: skip
     """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
-    ``capacity`` is :func:`quantized_capacity`, which the caller has already taken."""
+    ``mask`` is ``[B, Hq, 1, T]`` (bool as uint8, ``mask_kind`` 1; additive, 2; None, 0), ``qk_scale`` in
+    log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken."""
     batch, q_heads = q.shape[:2]
     kv_heads = key.residual.shape[1]
     tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
     key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
+    mask_strides = (0, 0, 0) if mask is None else (mask.stride(0), mask.stride(1), mask.stride(3))
     _quantized_blocks_kernel[(batch * kv_heads, splits)](
         q, q.stride(0), q.stride(1),
         key_words, key_words.stride(0), key_words.stride(1), key.scales, key.mins, *key.scales.stride()[:2],
         key.lengths,
         value_words, value_words.stride(0), value_words.stride(1), value.scales, value.mins,
         *value.scales.stride()[:2], value.lengths,
+        q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
-        ROWS=q_heads // kv_heads, num_warps=1,
+        ROWS=q_heads // kv_heads, MASK_KIND=mask_kind, num_warps=1,
     )  # fmt: skip

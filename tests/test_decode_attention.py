@@ -236,7 +236,8 @@ def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
     """Each plan (tile and split) the tuner may pick, not only the one it picks here: three tiles, since
     dropped, computed wrong results on the H200 that the interpreter does not. A long cache (split
     sequence, all three loops) and a short one, with R = 32, where most blocks are quantized on one
-    side only."""
+    side only. The Gluon kernel is kept out (it would take the long fp16 cache's blocks)."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", float("inf"))
     q = torch.randn(4, q_heads, 1, head_dim, device=DEVICE).to(dtype)
     outliers = torch.rand(head_dim, device=DEVICE) * 6 + 0.2
     for prompt, steps, residual in ((4001, [1] * 70, 128), (45, [1] * 3, 32)):
@@ -265,8 +266,37 @@ def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, s
     key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, prompt, steps, scale=outliers)
     value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, prompt, steps)
     q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
-    assert decode_attention.mma_path_unsupported(q, key, value, None, False, 2, 2, 32) is None
+    assert decode_attention.mma_path_unsupported(q, key, value, False, 2, 2, 32) is None
     check(q, key, value, spec_k, spec_v)
+
+
+def left_padding_mask(padding: list[int], seq_len: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """``[B, 1, 1, T]``: row ``b`` hides its first ``padding[b]`` tokens; additive masks also carry
+    random biases on the visible tokens, so that their scale is checked too."""
+    visible = torch.arange(seq_len, device=DEVICE) >= torch.tensor(padding, device=DEVICE)[:, None]
+    visible = visible[:, None, None, :]
+    if kind == "bool":
+        return visible
+    bias = torch.randn(visible.shape, device=DEVICE).to(dtype)
+    return bias.masked_fill(~visible, torch.finfo(dtype).min)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("mask_kind", ["bool", "additive"])
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
+def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, monkeypatch):
+    """Left-padded rows, as HF's batched generate passes them: one row hides nothing, one the first
+    37 tokens (inside a block), one the first 300 (whole blocks and the first split: partials that see
+    no token at all)."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    spec_k, spec_v = CacheSpec(True, 2, 32, 128), CacheSpec(False, 2, 32, 128)
+    outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, 1000, [1] * 37, scale=outliers)
+    value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, 1000, [1] * 37)
+    q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
+    assert decode_attention.uses_mma_path(q, key, value, False, 2, 2, 32)
+    check(q, key, value, spec_k, spec_v, mask=left_padding_mask([0, 37, 300], 1037, mask_kind, torch.float16))
 
 
 @pytest.mark.gpu
@@ -276,13 +306,11 @@ def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
     key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
     q = torch.randn(1, 2, 1, 128, device=DEVICE).half()
     unsupported = decode_attention.mma_path_unsupported
-    assert "float16" in unsupported(q.bfloat16(), key, key, None, False, 2, 2, 32)
-    assert "2-bit" in unsupported(q, key, key, None, False, 4, 2, 32)
-    assert "mask" in unsupported(q, key, key, torch.ones(1, 1, 1, 100, dtype=torch.bool, device=DEVICE), False,
-                                 2, 2, 32)  # fmt: skip
-    assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, None, False,
-                                      2, 2, 32)  # fmt: skip
-    assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, None, False,
+    assert "float16" in unsupported(q.bfloat16(), key, key, False, 2, 2, 32)
+    assert "2-bit" in unsupported(q, key, key, False, 4, 2, 32)
+    assert "is_causal" in unsupported(q, key, key, True, 2, 2, 32)
+    assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, False, 2, 2, 32)
+    assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, False,
                                             2, 2, 32)  # fmt: skip
 
 
@@ -291,26 +319,37 @@ def test_the_gluon_kernel_needs_a_cuda_gpu():
     spec = CacheSpec(True, 2, 32, 32)
     key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
     q = torch.randn(1, 2, 1, 128).half()
-    assert "CUDA" in decode_attention.mma_path_unsupported(q, key, key, None, False, 2, 2, 32)
+    assert "CUDA" in decode_attention.mma_path_unsupported(q, key, key, False, 2, 2, 32)
 
 
-def test_triton_tail_and_combine_complete_the_gluon_partials(monkeypatch):
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
+def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, monkeypatch):
     """The Gluon kernel's contract, played by PyTorch (partial 0 of each KV head holds its blocks
     quantized on both sides, rounded down to 32 tokens; the other splits are empty), so that the
-    Triton kernel's tail launch and the combine around it run here, on the interpreter."""
+    Triton kernel's tail launch and the combine around it run here, on the interpreter. The tail starts at
+    token 96, an odd multiple of 32. With a mask, row 1's padding hides every quantized block: its partial
+    sees no token (maximum ``-inf``)."""
     spec_k, spec_v = CacheSpec(True, 2, 8, 16), CacheSpec(False, 2, 8, 16)
-    key = filled_cache(spec_k, 2, 2, 32, torch.float32, 100, [1] * 5)
-    value = filled_cache(spec_v, 2, 2, 32, torch.float32, 100, [1] * 5)
+    key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
+    value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32)
 
-    def gluon_stand_in(q, key, value, qk_scale, capacity, splits, num_partials, acc, row_max, row_sum):
+    def gluon_stand_in(q, key, value, mask, mask_kind, qk_scale, capacity, splits, num_partials, acc, row_max,
+                       row_sum):  # fmt: skip
         n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
         keys = dequantize_cache_ref(key, 2, 8, per_channel=True)[:, :, :n_quant]
         values = dequantize_cache_ref(value, 2, 8, per_channel=False)[:, :, :n_quant]
         rows = q.shape[1] // keys.shape[1]
         scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
+        if mask_kind:
+            block_mask = mask[..., :n_quant].reshape(scores.shape)
+            if mask_kind == 1:
+                scores = scores.masked_fill(block_mask == 0, float("-inf"))
+            else:
+                scores = scores + block_mask.float() * decode_attention.LOG2E
         top = scores.amax(-1)
-        probs = torch.exp2(scores - top[..., None])
+        probs = torch.exp2(scores - top.clamp_min(torch.finfo(torch.float32).min)[..., None])
         row_max.fill_(float("-inf"))
         row_sum.zero_()
         acc.zero_()
@@ -325,4 +364,18 @@ def test_triton_tail_and_combine_complete_the_gluon_partials(monkeypatch):
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    check(q, key, value, spec_k, spec_v)
+    check(q, key, value, spec_k, spec_v, mask=mask)
+
+
+def test_the_tail_refuses_tiles_longer_than_the_gluon_blocks():
+    """The tail starts on a multiple of the Gluon kernel's 32-token blocks, not always on one of a
+    64-token tile's: such a tile would count the tokens at the residual boundary twice."""
+    spec_k, spec_v = CacheSpec(True, 2, 8, 16), CacheSpec(False, 2, 8, 16)
+    key = filled_cache(spec_k, 1, 1, 32, torch.float32, 130, [])
+    value = filled_cache(spec_v, 1, 1, 32, torch.float32, 130, [])
+    q = torch.randn(1, 1, 1, 32, device=DEVICE)
+    call = decode_attention._Call(q, key, value, None, 0, False, 1.0, 2, 2, 8)
+    partials = decode_attention._partial_buffers(call, 2)
+    with pytest.raises(Exception, match="must divide the Gluon kernel's blocks"):
+        decode_attention._launch_split_kernel(triton.Config({"BLOCK_N": 64}, num_warps=4), 1, 2, call, 0, *partials,
+                                              torch.empty_like(q), tail_block=32)  # fmt: skip
