@@ -244,9 +244,10 @@ def _quantized_blocks_kernel(
     value_words = tokens * 8 + word
     value_scales = tokens * 4 + word // 2
 
-    score_rows = gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA))
+    # Padding rows (ROWS .. 15) read the last row's mask: never past the mask's last head, and never stored.
+    heads = kv_head * ROWS + gl.minimum(gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA)), ROWS - 1)
     nu = gl.arange(0, 32, layout=gl.SliceLayout(0, _MMA))
-    mask_ptrs = (mask_ptr + batch * stride_mb + (kv_head * ROWS + score_rows)[:, None] * stride_mh
+    mask_ptrs = (mask_ptr + batch * stride_mb + heads[:, None] * stride_mh
                  + (4 * (nu % 8) + nu // 8)[None, :] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
     first = split * tokens_per_split

@@ -270,14 +270,15 @@ def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, s
     check(q, key, value, spec_k, spec_v)
 
 
-def left_padding_mask(padding: list[int], seq_len: int, kind: str, dtype: torch.dtype) -> torch.Tensor:
-    """``[B, 1, 1, T]``: row ``b`` hides its first ``padding[b]`` tokens; additive masks also carry
-    random biases on the visible tokens, so that their scale is checked too."""
+def left_padding_mask(padding: list[int], seq_len: int, kind: str, dtype: torch.dtype, heads: int) -> torch.Tensor:
+    """Row ``b`` hides its first ``padding[b]`` tokens: boolean ``[B, 1, 1, T]``, or additive
+    ``[B, heads, 1, T]`` with random biases on the visible tokens, different for each head, so that
+    their scale and the rows' head order are checked too."""
     visible = torch.arange(seq_len, device=DEVICE) >= torch.tensor(padding, device=DEVICE)[:, None]
     visible = visible[:, None, None, :]
     if kind == "bool":
         return visible
-    bias = torch.randn(visible.shape, device=DEVICE).to(dtype)
+    bias = torch.randn(len(padding), heads, 1, seq_len, device=DEVICE).to(dtype)
     return bias.masked_fill(~visible, torch.finfo(dtype).min)
 
 
@@ -296,7 +297,8 @@ def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, monkeypat
     value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, 1000, [1] * 37)
     q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
     assert decode_attention.uses_mma_path(q, key, value, False, 2, 2, 32)
-    check(q, key, value, spec_k, spec_v, mask=left_padding_mask([0, 37, 300], 1037, mask_kind, torch.float16))
+    mask = left_padding_mask([0, 37, 300], 1037, mask_kind, torch.float16, q_heads)
+    check(q, key, value, spec_k, spec_v, mask=mask)
 
 
 @pytest.mark.gpu
@@ -333,7 +335,7 @@ def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, monkeypa
     key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
     value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
-    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32)
+    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
 
     def gluon_stand_in(q, key, value, mask, mask_kind, qk_scale, capacity, splits, num_partials, acc, row_max,
                        row_sum):  # fmt: skip
