@@ -201,7 +201,7 @@ def _masked(scores, mask_ptrs, MASK_KIND: gl.constexpr):
 
 
 @gluon.jit
-def _nonzero_max(row_max):
+def _finite_max(row_max):
     """``row_max`` with ``-inf`` (rows that have seen nothing) as 0, so ``x - max`` is never NaN."""
     return gl.where(row_max == -float("inf"), 0.0, row_max)
 
@@ -263,11 +263,11 @@ def _quantized_blocks_kernel(
         block_max = gl.max(scores, axis=1)
         if gl.max((block_max > row_max + RESCALE_THRESHOLD).to(gl.int32), axis=0) > 0:
             new_max = gl.maximum(row_max, block_max)
-            rescale = gl.exp2(row_max - _nonzero_max(new_max))
+            rescale = gl.exp2(row_max - _finite_max(new_max))
             acc = acc * rescale[:, None]
             row_sum = row_sum * rescale[:, None]
             row_max = new_max
-        probs = gl.exp2(scores - _nonzero_max(row_max)[:, None])
+        probs = gl.exp2(scores - _finite_max(row_max)[:, None])
         row_sum += probs
         values = _value_operand(vc, vs, vm, start, value_words, value_scales)
         acc = gl.nvidia.ampere.mma_v2(gl.convert_layout(probs.to(gl.float16), _A), values, acc)
