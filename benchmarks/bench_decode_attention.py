@@ -124,6 +124,9 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
     steady state: one token flushes per step); keys hold R / 2 (a typical step) or R (the step
     every R that flushes a whole block).
     """
+    if seq_len % RESIDUAL:  # the key-flush step writes tokens T - R .. T, past what a prefill of T reserves
+        raise ValueError(f"bench_append: seq_len={seq_len} is not a multiple of R={RESIDUAL}; the timed steps "
+                         "set lengths whose key flush needs the quantized capacity of a multiple of R")
     config = KiviConfig(key_bits=bits, value_bits=bits, group_size=group, residual_length=RESIDUAL)
     dense = torch.randn(batch, heads, seq_len, head_dim, device="cuda", dtype=torch.float16)
     key, value = kivi_caches(dense, dense.clone(), config)

@@ -10,8 +10,9 @@ and the value product run in float32; the output has the query's dtype.
 The Triton kernel is flash-decoding over the packed cache: grid ``(B * Hkv, S)``. Program
 ``(b * Hkv + h, s)`` holds the ``g * n`` query rows of KV head ``h`` (so each KV head is read once
 for its whole query group, GQA and MQA included) and runs an online softmax over the ``s``-th
-chunk of the sequence, dequantizing codes in registers; blocks quantized on both sides, mixed
-blocks and residual-ring blocks each get their own loop, so the common blocks carry no masks.
+chunk of the sequence, dequantizing codes in registers; blocks quantized on both sides, blocks
+whose keys are quantized and values still in the ring, the other mixed blocks and the residual-ring
+blocks each get their own loop, so the common blocks carry no masks.
 A second kernel combines the ``S`` partial results; with ``S = 1`` (batches that fill the GPU on
 their own, short sequences) the first one normalizes and stores the output itself, one launch
 instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
@@ -206,17 +207,10 @@ def _value_channel_order(HEAD_DIM: tl.constexpr, VALUE_LANES: tl.constexpr):
 
 
 @triton.jit
-def _load_quantized_block(
-    kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
-    vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
-    block_start, present, channels, block_order,
-    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr,
-):  # fmt: skip
-    """Raw loads of one block quantized on both sides (nothing when ``present`` is False): key bytes
-    ``[BLOCK_N / Pk, D]`` with their scales/mins (``[D]``, or per byte row when the block spans key
-    groups), value bytes ``[BLOCK_N, D / Pv]`` (rows in ``block_order``, the kernel's
-    :func:`_block_token_order`) with a scale/min per byte."""
+def _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd, block_start, present,
+                         channels, K_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    """Raw loads of one block of quantized keys (nothing when ``present`` is False): bytes
+    ``[BLOCK_N / Pk, D]`` with their scales/mins (``[D]``, or per byte row when the block spans key groups)."""
     key_lanes: tl.constexpr = 8 // K_BITS
     present = tl.full([1, 1], 1, tl.int1) & present  # a tensor also where ``present`` is a Python bool
     key_rows = tl.arange(0, BLOCK_N // key_lanes)
@@ -228,10 +222,27 @@ def _load_quantized_block(
         key_groups = block_start // GROUP_SIZE + key_rows // (GROUP_SIZE // key_lanes)
         key_offsets = key_groups[:, None] * stride_kst + channels[None, :] * stride_ksd
     key_scale = tl.load(ks_ptr + key_offsets, mask=present, other=0.0)
-    key_min = tl.load(km_ptr + key_offsets, mask=present, other=0.0)
-    tokens = block_start + block_order
+    return key_codes, key_scale, tl.load(km_ptr + key_offsets, mask=present, other=0.0)
+
+
+@triton.jit
+def _load_quantized_block(
+    kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+    vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+    block_start, present, channels, block_order,
+    K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):  # fmt: skip
+    """Raw loads of one block quantized on both sides (nothing when ``present`` is False):
+    :func:`_load_quantized_keys`, and value bytes ``[BLOCK_N, D / Pv]`` (rows in ``block_order``, the
+    kernel's :func:`_block_token_order`) with a scale/min per byte."""
+    key_codes, key_scale, key_min = _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst,
+                                                         stride_ksd, block_start, present, channels,
+                                                         K_BITS, GROUP_SIZE, BLOCK_N)  # fmt: skip
+    present = tl.full([1, 1], 1, tl.int1) & present
     value_codes, value_scale, value_min = _load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst,
-                                                       stride_vsd, tokens, present, V_BITS, GROUP_SIZE, HEAD_DIM)
+                                                       stride_vsd, block_start + block_order, present,
+                                                       V_BITS, GROUP_SIZE, HEAD_DIM)  # fmt: skip
     return key_codes, key_scale, key_min, value_codes, value_scale, value_min
 
 
@@ -255,14 +266,20 @@ def _lane_major_values(codes, scale, offset, BITS: tl.constexpr, HEAD_DIM: tl.co
 
 
 @triton.jit
+def _block_keys(key_codes, key_scale, key_min, K_BITS: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Keys ``[BLOCK_N, D]`` in the cache dtype from :func:`_load_quantized_keys`' tiles, tokens in
+    :func:`_block_token_order` (each lane's codes stay together: no registers shuffled to interleave them)."""
+    keys = _dequantize_lanes(key_codes, key_scale, key_min, K_BITS)  # [BLOCK_N / Pk, D, Pk]
+    return tl.reshape(tl.permute(keys, (2, 0, 1)), (BLOCK_N, HEAD_DIM))
+
+
+@triton.jit
 def _dequantize_block(key_codes, key_scale, key_min, value_codes, value_scale, value_min,
                       K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
                       HEAD_DIM: tl.constexpr):  # fmt: skip
-    """Keys and values ``[BLOCK_N, D]`` in the cache dtype from :func:`_load_quantized_block`'s
-    tiles: tokens in :func:`_block_token_order`, value channels in :func:`_value_channel_order`.
-    Both orders keep each lane's codes together, so no registers are shuffled to interleave them."""
-    keys = _dequantize_lanes(key_codes, key_scale, key_min, K_BITS)  # [BLOCK_N / Pk, D, Pk]
-    return (tl.reshape(tl.permute(keys, (2, 0, 1)), (BLOCK_N, HEAD_DIM)),
+    """Keys and values ``[BLOCK_N, D]`` from :func:`_load_quantized_block`'s tiles: :func:`_block_keys`,
+    and values with channels in :func:`_value_channel_order`."""
+    return (_block_keys(key_codes, key_scale, key_min, K_BITS, BLOCK_N, HEAD_DIM),
             _lane_major_values(value_codes, value_scale, value_min, V_BITS, HEAD_DIM))  # fmt: skip
 
 
@@ -401,8 +418,10 @@ def _decode_attention_kernel(
     else:
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, seq_len)
-    # This split's blocks fall in three runs: quantized on both sides, the few blocks quantized on
-    # one side only (or straddling a boundary), and the residual rings; one loop each.
+    # This split's blocks fall in four runs, one loop each: quantized on both sides; keys quantized and
+    # values in their ring (keys flush R tokens at a time, values one, so in a decode step up to R tokens
+    # lie here, much of the Gluon path's tail); the few other blocks quantized on one side only or
+    # straddling a boundary; both rings.
     both_quantized_end = (tl.minimum(k_quantized, v_quantized) // BLOCK_N) * BLOCK_N
     both_residual_start = tl.cdiv(tl.maximum(k_quantized, v_quantized), BLOCK_N) * BLOCK_N
     all_valid = tl.full([BLOCK_N], 1, tl.int1)
@@ -422,7 +441,23 @@ def _decode_attention_kernel(
         acc, row_max, row_sum = _attend(q, keys, values, block_start + block_order, all_valid, acc, row_max,
                                         row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
-    for block_start in range(tl.maximum(first, both_quantized_end), tl.minimum(last, both_residual_start), BLOCK_N):
+    mixed_start = tl.maximum(first, both_quantized_end)
+    mixed_end = tl.minimum(last, both_residual_start)
+    keys_only_start = tl.minimum(tl.maximum(tl.cdiv(v_quantized, BLOCK_N) * BLOCK_N, mixed_start), mixed_end)
+    keys_only_end = tl.minimum(tl.maximum((k_quantized // BLOCK_N) * BLOCK_N, keys_only_start), mixed_end)
+    for block_start in range(keys_only_start, keys_only_end, BLOCK_N):
+        tokens = block_start + block_order
+        valid = tokens < last
+        key_block = _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                         block_start, True, channels, K_BITS, GROUP_SIZE, BLOCK_N)  # fmt: skip
+        values = _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                                       valid, 8 // V_BITS, HEAD_DIM)  # fmt: skip
+        acc, row_max, row_sum = _attend(q, _block_keys(*key_block, K_BITS, BLOCK_N, HEAD_DIM), values, tokens, valid,
+                                        acc, row_max, row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
+                                        MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
+    skipped = keys_only_end - keys_only_start
+    for position in range(mixed_start, mixed_end - skipped, BLOCK_N):
+        block_start = tl.where(position < keys_only_start, position, position + skipped)
         tokens = block_start + in_block
         valid = tokens < last
         k_is_quantized = tokens < k_quantized

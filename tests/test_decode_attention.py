@@ -93,6 +93,7 @@ CPU_CASES = [  # (q_heads, kv_heads, head_dim, k_bits, v_bits, group, residual, 
     (2, 2, 16, 8, 4, 8, 8, 43, [3, 3]),  # 8-bit keys, multi-token steps
     (2, 1, 32, 2, 2, 8, 16, 1100, [1]),  # long enough for two splits and their combine
     (4, 2, 64, 4, 4, 32, 32, 150, [1, 1]),  # blocks inside one key group: one scale row per block
+    (4, 2, 32, 2, 2, 16, 64, 200, [1] * 6),  # blocks with keys quantized and values in the ring
 ]
 
 
@@ -329,9 +330,9 @@ def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, monkeypa
     """The Gluon kernel's contract, played by PyTorch (partial 0 of each KV head holds its blocks
     quantized on both sides, rounded down to 32 tokens; the other splits are empty), so that the
     Triton kernel's tail launch and the combine around it run here, on the interpreter. The tail starts at
-    token 96, an odd multiple of 32. With a mask, row 1's padding hides every quantized block: its partial
-    sees no token (maximum ``-inf``)."""
-    spec_k, spec_v = CacheSpec(True, 2, 8, 16), CacheSpec(False, 2, 8, 16)
+    token 96, an odd multiple of 32, and takes a block whose keys are quantized and values are not. With a
+    mask, row 1's padding hides every quantized block: its partial sees no token (maximum ``-inf``)."""
+    spec_k, spec_v = CacheSpec(True, 2, 8, 32), CacheSpec(False, 2, 8, 32)
     key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
     value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
