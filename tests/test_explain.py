@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 
 import pytest
 import torch
+import transformers
 from architecture_matrix import FAMILIES, tiny_family_model
 from kivi_helpers import tiny_model
 from test_decorator import KiviTupleCacheAttention, TupleCacheAttention
@@ -16,6 +18,9 @@ from kivi_compile import KiviCacheTensor, KiviConfig, Report
 from kivi_compile.report import fp16_bytes_per_token, kivi_bytes_per_token
 
 CONFIG = KiviConfig(key_bits=2, value_bits=2, group_size=32, residual_length=32)
+# The keyword the decode step passes the cache under, in the graph's input names (``cache`` from
+# transformers 5.24).
+CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
 
 
 def explain_causal_lm(model: nn.Module, prompt_len: int = 13) -> Report:
@@ -46,12 +51,12 @@ def test_llama_prefill_and_decode_sites():
         assert (site.pattern, site.head_sharing, site.head_dim) == ("sdpa", "GQA 2:1", 32)
         assert "sdpa_attention.py" in site.location and site.source.startswith("sdpa_attention.py:")
         assert (site.fp16_bytes_per_token, site.kivi_bytes_per_token) == (256, 48)
-    assert report.sites[2].kv_source == "L_kwargs_past_key_values_layers_0_keys"
+    assert report.sites[2].kv_source == f"L_kwargs_{CACHE}_layers_0_keys"
 
     table = report.table()
     print(table)
     assert "model.layers.1.self_attn" in table and "GQA 2:1" in table
-    assert "L_kwargs_past_key_values_layers_1_keys" in table
+    assert f"L_kwargs_{CACHE}_layers_1_keys" in table
     assert [line.split()[-4:] for line in table.splitlines()[2:]] == [["yes", "256", "48", "-"]] * 4
     assert report.summary()[1] == (
         "graph 1 (decode): 2 of 2 attention site(s) rewritten; "
@@ -61,9 +66,9 @@ def test_llama_prefill_and_decode_sites():
     diff = report.diff()
     print("\n".join(diff.splitlines()[:40]))
     assert "--- graph 1 (decode) before" in diff and "+++ graph 1 (decode) after KIVI" in diff
-    assert "-    L_kwargs_past_key_values_layers_0_keys : kivi_compile_cache_KiviCacheTensor," in diff
-    assert "+    l_kwargs_past_key_values_layers_0_keys_codes," in diff
-    assert "-    keys = torch.cat([l_kwargs_past_key_values_layers_0_keys, k_embed], dim = -2)" in diff
+    assert f"-    L_kwargs_{CACHE}_layers_0_keys : kivi_compile_cache_KiviCacheTensor," in diff
+    assert f"+    l_kwargs_{CACHE}_layers_0_keys_codes," in diff
+    assert f"-    keys = torch.cat([l_kwargs_{CACHE}_layers_0_keys, k_embed], dim = -2)" in diff
     assert diff.count("= torch.ops.kivi.decode_attention.default(") == 2  # one per layer
     assert diff.count("= torch.ops.kivi.append_kv_.default(") == 2  # keys and values together, per layer
     assert "+    key_validity = kivi_compile_padding_key_validity(" in diff  # prefill: pads kept out of key groups
