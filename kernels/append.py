@@ -178,8 +178,8 @@ def _flush_values(
     BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
     """Quantize ``n_flush`` ring tokens per token, G channels per group, one token at a time: a decode
-    step flushes one token, and a tile of several quantizes masked-out rows for nothing (with 16-row tiles
-    the append was 21% of a batch-384 decode step's GPU time on the H200)."""
+    step flushes one token, and a tile of several quantizes masked-out rows for nothing (16-row tiles
+    made one step's appends at B = 384 take 9.76 ms for 32 layers on the H100, against 5.31)."""
     lanes: tl.constexpr = 8 // BITS
     n_groups: tl.constexpr = HEAD_DIM // GROUP
     tl.static_assert(HEAD_DIM % GROUP == 0)
