@@ -13,7 +13,7 @@ fp16); ``--load DIR`` skips training.
 Evaluation is what generation does, teacher-forced: ``E`` held-out sequences of ``L`` bytes, as one
 batch, in fp16. Prefill the first ``P`` bytes, then feed one byte at a time with the
 ``DynamicCache`` the previous step returned (the keywords ``generate`` passes: ``input_ids``,
-``past_key_values``, ``use_cache``), scoring the log-probability of the true next byte
+the cache, ``use_cache``), scoring the log-probability of the true next byte
 after the prefill and after every fed byte (``L - P`` predictions per sequence). Methods:
 
 - ``fp16``: the plain model (no compile), the same streaming loop: the baseline.
@@ -65,6 +65,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import kivi_compile
 from kivi_compile import KiviCacheTensor, KiviConfig
+from kivi_compile.transformers_names import cache_keyword, returned_cache
 
 SHAPES: dict[str, dict[str, int]] = {
     "small": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=6, num_attention_heads=8,
@@ -245,16 +246,17 @@ def streaming_nll(model: LlamaForCausalLM, sequences: torch.Tensor, prefill: int
         nll[:, index] = -logprobs.gather(1, sequences[:, prefill + index, None])[:, 0]
 
     start = time.perf_counter()
-    out = model(sequences[:, :prefill], past_key_values=DynamicCache(config=model.config), use_cache=True)
+    keyword = cache_keyword(model.forward)
+    out = model(sequences[:, :prefill], **{keyword: DynamicCache(config=model.config)}, use_cache=True)
     score(out.logits, 0)
     warmup_seconds = float("nan")
     for position in range(prefill, length - 1):
-        out = model(sequences[:, position : position + 1], past_key_values=out.past_key_values, use_cache=True)
+        out = model(sequences[:, position : position + 1], **{keyword: returned_cache(out)}, use_cache=True)
         score(out.logits, position - prefill + 1)
         if position == prefill + 1:
             synchronize(device)
             warmup_seconds = time.perf_counter() - start
-    return nll, out.past_key_values, warmup_seconds
+    return nll, returned_cache(out), warmup_seconds
 
 
 @torch.no_grad()

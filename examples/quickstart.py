@@ -11,6 +11,8 @@ import time
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
+from kivi_compile.transformers_names import cache_keyword, returned_cache
+
 PROMPT_TOKENS, NEW_TOKENS = 200, 300
 
 
@@ -26,10 +28,10 @@ def tiny_llama() -> LlamaForCausalLM:
 @torch.no_grad()
 def next_token_choices(model, sequence: torch.Tensor) -> torch.Tensor:
     """Argmax next token after the prompt and after each later token, feeding ``sequence``."""
-    cache = DynamicCache(config=model.config)
-    logits = [model(sequence[:, :PROMPT_TOKENS], past_key_values=cache).logits[:, -1]]
+    cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}  # `cache` from transformers 5.24
+    logits = [model(sequence[:, :PROMPT_TOKENS], **cache).logits[:, -1]]
     for position in range(PROMPT_TOKENS, sequence.shape[1] - 1):
-        logits.append(model(sequence[:, position : position + 1], past_key_values=cache).logits[:, -1])
+        logits.append(model(sequence[:, position : position + 1], **cache).logits[:, -1])
     return torch.stack(logits).argmax(-1)
 
 
@@ -45,12 +47,13 @@ def main() -> None:
         prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True
     )
     seconds = time.perf_counter() - start
-    kivi_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in out.past_key_values.layers)
-    fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in out.past_key_values.layers)
+    layers = returned_cache(out).layers
+    kivi_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in layers)
+    fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in layers)
     agreement = (next_token_choices(model, fp16_sequence) == fp16_choices).float().mean().item()
 
     print(f"generated {out.sequences.shape[1] - PROMPT_TOKENS} tokens with backend='kivi' in {seconds:.1f} s")
-    print(f"KV cache after {out.past_key_values.get_seq_length()} tokens: fp16 {fp16_bytes / 2**20:.2f} MiB, "
+    print(f"KV cache after {returned_cache(out).get_seq_length()} tokens: fp16 {fp16_bytes / 2**20:.2f} MiB, "
           f"KIVI {kivi_bytes / 2**20:.2f} MiB ({fp16_bytes / kivi_bytes:.1f}x smaller)")  # fmt: skip
     print(f"next-token agreement with the fp16 model on the same text: {agreement:.1%}")
 

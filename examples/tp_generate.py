@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kivi_compile
 from kivi_compile import KiviConfig
+from kivi_compile.transformers_names import returned_cache
 
 
 def save_tiny_llama(path: str) -> None:
@@ -78,7 +79,7 @@ def main() -> None:
         min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0, return_dict_in_generate=True,
     )  # fmt: skip
     seconds = time.perf_counter() - start
-    kv_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in out.past_key_values.layers)
+    kv_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in returned_cache(out).layers)
     local = {
         "kv_bytes": kv_bytes,
         "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,

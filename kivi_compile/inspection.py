@@ -9,7 +9,6 @@ function is left as it was; other compiled code recompiles on its next call).
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +20,7 @@ from torch._dynamo.exc import BackendCompilerFailed
 from kivi_compile.config import Compiler, KiviConfig
 from kivi_compile.dynamo_backend import KiviBackend
 from kivi_compile.report import Report
+from kivi_compile.transformers_names import cache_keyword, returned_cache
 
 log = logging.getLogger("kivi_compile")
 
@@ -89,7 +89,7 @@ def _prefill_and_decode(step: Callable[..., Any], args: tuple[Any, ...], kwargs:
     kwargs = dict(kwargs)
     input_ids = args[0] if args else kwargs.pop("input_ids")
     out = step(input_ids, use_cache=True, **kwargs)
-    cache = getattr(out, _cache_field(out), None)
+    cache = returned_cache(out)
     if cache is None:
         log.warning("explain: the model returned no KV cache, so no decode step was captured")
         return
@@ -99,17 +99,5 @@ def _prefill_and_decode(step: Callable[..., Any], args: tuple[Any, ...], kwargs:
     mask = kwargs.get("attention_mask")
     if mask is not None:
         kwargs["attention_mask"] = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-    kwargs[_cache_keyword(step)] = cache
+    kwargs[cache_keyword(step)] = cache
     step(next_token, use_cache=True, **kwargs)
-
-
-# transformers 5.24 renamed ``past_key_values`` to ``cache`` (forward, generate and outputs); the old name
-# warns, and goes from forward in 5.40. Models written before keep the old name, so each is asked.
-def _cache_keyword(step: Callable[..., Any]) -> str:
-    """The keyword under which ``step`` (a model's forward) takes the KV cache."""
-    return "cache" if "cache" in inspect.signature(step).parameters else "past_key_values"
-
-
-def _cache_field(out: object) -> str:
-    """The field of a model output that holds the KV cache."""
-    return "cache" if "cache" in getattr(out, "__dataclass_fields__", {}) else "past_key_values"

@@ -108,7 +108,7 @@ def run_family(family: str) -> MatrixRow:
     # Expected: the KIVI contract on the layers the pass reports rewritten, full precision elsewhere.
     quantized = {_layer_index(site.module) for site in sites if site.rewritten}
     cache = simulated_cache(model, MATRIX_CONFIG, quantized_layers=quantized)
-    expected_tokens, expected = greedy(model, prompt, NEW_TOKENS, past_key_values=cache)
+    expected_tokens, expected = greedy(model, prompt, NEW_TOKENS, cache=cache)
     steps = min(len(logits), len(expected))
     error = max(relative_error(logits[i], expected[i]) for i in range(steps))
     if not torch.equal(tokens, expected_tokens):

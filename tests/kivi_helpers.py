@@ -24,6 +24,7 @@ from kivi_compile import KiviConfig
 from kivi_compile.cache import allocate_buffers
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.cache_layout import QuantizedKV
+from kivi_compile.transformers_names import cache_keyword, returned_cache
 
 
 def seed_everything(seed: int) -> None:
@@ -115,8 +116,11 @@ def simulated_cache(
     return cache
 
 
-def greedy_output(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **kwargs):
-    """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept)."""
+def greedy_output(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, cache=None, **kwargs):
+    """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept),
+    starting from ``cache`` when given."""
+    if cache is not None:
+        kwargs[cache_keyword(model.generate)] = cache
     return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),
@@ -153,7 +157,7 @@ def compiled_against_simulation(
     greedy paths may part; the logits after that step are for other tokens. Steps are compared up to
     and including the one whose token differs, and at most ``max_steps``.
     """
-    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, past_key_values=simulated_cache(model, config))
+    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, cache=simulated_cache(model, config))
     backend = kivi_compile.backend(config)
     model.forward = torch.compile(model.forward, backend=backend)
     out = greedy_output(model, prompt, new_tokens)
@@ -162,7 +166,7 @@ def compiled_against_simulation(
     parted_at = same.index(False) if False in same else None
     steps = min(len(same) if parted_at is None else parted_at + 1, max_steps or len(same))
     error = max(relative_error(a, e) for a, e in zip(out.logits[:steps], expected_logits[:steps]))
-    return SimulationComparison(error, steps, parted_at, backend, out.past_key_values)
+    return SimulationComparison(error, steps, parted_at, backend, returned_cache(out))
 
 
 @torch.no_grad()
@@ -171,10 +175,10 @@ def teacher_forced(model: torch.nn.Module, sequence: torch.Tensor, prompt_len: i
 
     Returns the next-token logits after the prompt and after each fed token, ``[steps, B, V]``.
     """
-    cache = DynamicCache(config=model.config)
-    logits = [model(sequence[:, :prompt_len], past_key_values=cache, use_cache=True).logits[:, -1]]
+    cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}
+    logits = [model(sequence[:, :prompt_len], **cache, use_cache=True).logits[:, -1]]
     for position in range(prompt_len, sequence.shape[1]):
-        out = model(sequence[:, position : position + 1], past_key_values=cache, use_cache=True)
+        out = model(sequence[:, position : position + 1], **cache, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
 

@@ -44,7 +44,7 @@ def test_encoder_decoder_quantizes_self_attention_and_leaves_cross_attention():
     self_attention = DynamicCache()
     self_attention.layers = [SimulatedKiviLayer(MATRIX_CONFIG) for _ in range(config.decoder_layers)]
     simulated = EncoderDecoderCache(self_attention, DynamicCache())
-    expected_tokens, expected = greedy(model, prompt, 80, past_key_values=simulated)
+    expected_tokens, expected = greedy(model, prompt, 80, cache=simulated)
     backend = kivi_compile.backend(MATRIX_CONFIG)
     model.forward = torch.compile(model.forward, backend=backend)
     tokens, logits = greedy(model, prompt, 80)

@@ -159,7 +159,7 @@ def test_compile_hf_model_generates_what_the_kivi_contract_defines():
     model = tiny_model("llama")
     prompt = torch.randint(1, model.config.vocab_size, (1, 37))
     new_tokens = config.residual_length + 5
-    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, past_key_values=simulated_cache(model, config))
+    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, cache=simulated_cache(model, config))
 
     assert kivi_compile.compile(model, config) is model
     tokens, logits = greedy(model, prompt, new_tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 
 import pytest
@@ -16,11 +15,12 @@ from torch import nn
 import kivi_compile
 from kivi_compile import KiviCacheTensor, KiviConfig, Report
 from kivi_compile.report import fp16_bytes_per_token, kivi_bytes_per_token
+from kivi_compile.transformers_names import cache_keyword, returned_cache
 
 CONFIG = KiviConfig(key_bits=2, value_bits=2, group_size=32, residual_length=32)
 # The keyword the decode step passes the cache under, in the graph's input names (``cache`` from
 # transformers 5.24).
-CACHE = "cache" if "cache" in inspect.signature(transformers.LlamaForCausalLM.forward).parameters else "past_key_values"
+CACHE = cache_keyword(transformers.LlamaForCausalLM.forward)
 
 
 def explain_causal_lm(model: nn.Module, prompt_len: int = 13) -> Report:
@@ -79,7 +79,7 @@ def test_explain_leaves_the_model_uncompiled():
     explain_causal_lm(model)
     assert "forward" not in vars(model) and model._compiled_call_impl is None
     out = model(torch.randint(1, 97, (1, 5)), use_cache=True)
-    assert not isinstance(out.past_key_values.layers[0].keys, KiviCacheTensor)
+    assert not isinstance(returned_cache(out).layers[0].keys, KiviCacheTensor)
 
 
 def test_gpt2_fused_qkv_sites():

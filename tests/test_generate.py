@@ -8,6 +8,7 @@ from kivi_helpers import greedy, relative_error, simulated_cache, teacher_forced
 
 import kivi_compile
 from kivi_compile import KiviCacheTensor, KiviConfig
+from kivi_compile.transformers_names import returned_cache
 
 PROMPT_LEN = 37  # odd, and not a multiple of R: exercises both residuals after prefill
 
@@ -26,7 +27,7 @@ def test_logits_match_fake_quant_simulation(family, bits, residual_length):
     model = tiny_model(family)
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_LEN))
     new_tokens = 3 * residual_length + 5  # >= 3 key flushes after the prompt
-    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, past_key_values=simulated_cache(model, config))
+    expected_tokens, expected_logits = greedy(model, prompt, new_tokens, cache=simulated_cache(model, config))
 
     backend = compiled(model, config)
     tokens, logits = greedy(model, prompt, new_tokens)
@@ -71,9 +72,9 @@ def test_cache_left_in_the_model_is_quantized():
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=20, do_sample=False,
         return_dict_in_generate=True, pad_token_id=0,
     )  # fmt: skip
-    layer = out.past_key_values.layers[0]
+    layer = returned_cache(out).layers[0]
     assert isinstance(layer.keys, KiviCacheTensor) and isinstance(layer.values, KiviCacheTensor)
-    assert out.past_key_values.get_seq_length() == PROMPT_LEN + 19  # the last token is not fed back
+    assert returned_cache(out).get_seq_length() == PROMPT_LEN + 19  # the last token is not fed back
 
 
 @pytest.mark.inductor
@@ -81,7 +82,7 @@ def test_inductor_matches_eager_backend():
     model = tiny_model("llama")
     prompt = torch.randint(1, model.config.vocab_size, (1, PROMPT_LEN))
     eager_config = KiviConfig(residual_length=32, compiler="eager")
-    _, expected_logits = greedy(model, prompt, 40, past_key_values=simulated_cache(model, eager_config))
+    _, expected_logits = greedy(model, prompt, 40, cache=simulated_cache(model, eager_config))
     backend = compiled(model, KiviConfig(residual_length=32))  # Inductor by default
     _, logits = greedy(model, prompt, 40)
     errors = torch.tensor([relative_error(a, e) for a, e in zip(logits, expected_logits)])

@@ -9,6 +9,7 @@ from kivi_helpers import relative_error, simulated_cache, tiny_model
 
 import kivi_compile
 from kivi_compile import KiviConfig
+from kivi_compile.transformers_names import cache_keyword
 
 CONFIG = KiviConfig(key_bits=2, value_bits=2, group_size=32, residual_length=32, compiler="eager")
 PROMPT_LEN, NEW_TOKENS = 37, 70
@@ -17,7 +18,7 @@ PROMPT_LEN, NEW_TOKENS = 37, 70
 def run(model, prompt, kivi: bool, dtype_config: KiviConfig = CONFIG, seed: int = 0, **kwargs):
     """Generate with the compiled model (kivi=True) or the simulation (kivi=False)."""
     if not kivi:
-        kwargs["past_key_values"] = simulated_cache(model, dtype_config)
+        kwargs[cache_keyword(model.generate)] = simulated_cache(model, dtype_config)
     torch.manual_seed(seed)
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
