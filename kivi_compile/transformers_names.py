@@ -10,7 +10,9 @@ from typing import Any
 
 
 def cache_keyword(forward: Callable[..., Any]) -> str:
-    """The keyword under which ``forward`` (a model's forward or ``generate``) takes the KV cache."""
+    """The keyword under which ``forward`` (a model's forward) takes the KV cache. ``generate`` passes its
+    keywords on to forward, so it takes the cache under the same name (its own signature does not say:
+    in 5.25 ``cache`` is one of its ``**kwargs``)."""
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 

@@ -120,7 +120,7 @@ def greedy_output(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: i
     """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept),
     starting from ``cache`` when given."""
     if cache is not None:
-        kwargs[cache_keyword(model.generate)] = cache
+        kwargs[cache_keyword(model.forward)] = cache
     return model.generate(
         input_ids,
         attention_mask=torch.ones_like(input_ids),

@@ -18,7 +18,7 @@ PROMPT_LEN, NEW_TOKENS = 37, 70
 def run(model, prompt, kivi: bool, dtype_config: KiviConfig = CONFIG, seed: int = 0, **kwargs):
     """Generate with the compiled model (kivi=True) or the simulation (kivi=False)."""
     if not kivi:
-        kwargs[cache_keyword(model.generate)] = simulated_cache(model, dtype_config)
+        kwargs[cache_keyword(model.forward)] = simulated_cache(model, dtype_config)
     torch.manual_seed(seed)
     out = model.generate(
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
