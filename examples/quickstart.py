@@ -28,10 +28,11 @@ def tiny_llama() -> LlamaForCausalLM:
 @torch.no_grad()
 def next_token_choices(model, sequence: torch.Tensor) -> torch.Tensor:
     """Argmax next token after the prompt and after each later token, feeding ``sequence``."""
-    cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}  # `cache` from transformers 5.24
-    logits = [model(sequence[:, :PROMPT_TOKENS], **cache).logits[:, -1]]
+    # the keyword is `cache` from transformers 5.24, `past_key_values` before
+    cache_kwarg = {cache_keyword(model.forward): DynamicCache(config=model.config)}
+    logits = [model(sequence[:, :PROMPT_TOKENS], **cache_kwarg).logits[:, -1]]
     for position in range(PROMPT_TOKENS, sequence.shape[1] - 1):
-        logits.append(model(sequence[:, position : position + 1], **cache).logits[:, -1])
+        logits.append(model(sequence[:, position : position + 1], **cache_kwarg).logits[:, -1])
     return torch.stack(logits).argmax(-1)
 
 

@@ -116,7 +116,9 @@ def simulated_cache(
     return cache
 
 
-def greedy_output(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, cache=None, **kwargs):
+def greedy_output(
+    model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, cache: DynamicCache | None = None, **kwargs
+):
     """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept),
     starting from ``cache`` when given."""
     if cache is not None:
@@ -175,10 +177,10 @@ def teacher_forced(model: torch.nn.Module, sequence: torch.Tensor, prompt_len: i
 
     Returns the next-token logits after the prompt and after each fed token, ``[steps, B, V]``.
     """
-    cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}
-    logits = [model(sequence[:, :prompt_len], **cache, use_cache=True).logits[:, -1]]
+    cache_kwarg = {cache_keyword(model.forward): DynamicCache(config=model.config)}
+    logits = [model(sequence[:, :prompt_len], **cache_kwarg, use_cache=True).logits[:, -1]]
     for position in range(prompt_len, sequence.shape[1]):
-        out = model(sequence[:, position : position + 1], **cache, use_cache=True)
+        out = model(sequence[:, position : position + 1], **cache_kwarg, use_cache=True)
         logits.append(out.logits[:, -1])
     return torch.stack(logits)
 
