@@ -91,6 +91,13 @@ def store_prefill_ref(
 # (``debug_barrier``), which matters when the ring is full.
 # ---------------------------------------------------------------------------------------------
 
+# Every program of a step's append holds registers for the largest path it may take, flush or not, and
+# these tiles set how many programs fit on a multiprocessor. sm_90, ptxas of triton 3.6, 4 warps: a whole
+# [G, D] key tile and 16 new rows took 224 registers a thread (two programs per multiprocessor); 16
+# channels and 4 rows take 52 (nine).
+FLUSH_CHANNELS = tl.constexpr(16)  # channels of a key flush tile
+NEW_TOKENS_TILE = 4  # rows of the copy of new tokens into the ring (a decode step has one)
+
 
 @triton.jit
 def round_half_even(x):
@@ -151,23 +158,26 @@ def _flush_keys(
     n_quant, start, capacity, n_flush,
     BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Quantize ``n_flush`` (a multiple of G) ring tokens per channel, G tokens per group."""
+    """Quantize ``n_flush`` (a multiple of G) ring tokens per channel, G tokens per group, in tiles of
+    FLUSH_CHANNELS channels."""
     lanes: tl.constexpr = 8 // BITS
     tl.static_assert(GROUP % lanes == 0)
+    width: tl.constexpr = FLUSH_CHANNELS if FLUSH_CHANNELS < HEAD_DIM else HEAD_DIM
     tokens = tl.arange(0, GROUP)
-    channels = tl.arange(0, HEAD_DIM)
     byte_rows = tl.arange(0, GROUP // lanes)
     for group in range(0, n_flush // GROUP):
         rows = (start + group * GROUP + tokens) % capacity
-        x = tl.load(residual_ptr + rows[:, None] * stride_rt + channels[None, :] * stride_rd).to(tl.float32)
-        codes, scale, group_min = quantize_groups(x, 0, BITS, scales_ptr.dtype.element_ty)
-        by_lane = tl.permute(tl.reshape(codes, (GROUP // lanes, lanes, HEAD_DIM)), (0, 2, 1))
         code_row = (n_quant + group * GROUP) // lanes
-        tl.store(codes_ptr + (code_row + byte_rows)[:, None] * stride_ct + channels[None, :] * stride_cd,
-                 pack_lanes(by_lane, BITS))  # fmt: skip
         scale_row = (n_quant + group * GROUP) // GROUP
-        tl.store(scales_ptr + scale_row * stride_st + channels * stride_sd, scale)
-        tl.store(mins_ptr + scale_row * stride_st + channels * stride_sd, group_min)
+        for first_channel in range(0, HEAD_DIM, width):
+            channels = first_channel + tl.arange(0, width)
+            x = tl.load(residual_ptr + rows[:, None] * stride_rt + channels[None, :] * stride_rd).to(tl.float32)
+            codes, scale, group_min = quantize_groups(x, 0, BITS, scales_ptr.dtype.element_ty)
+            by_lane = tl.permute(tl.reshape(codes, (GROUP // lanes, lanes, width)), (0, 2, 1))
+            tl.store(codes_ptr + (code_row + byte_rows)[:, None] * stride_ct + channels[None, :] * stride_cd,
+                     pack_lanes(by_lane, BITS))  # fmt: skip
+            tl.store(scales_ptr + scale_row * stride_st + channels * stride_sd, scale)
+            tl.store(mins_ptr + scale_row * stride_st + channels * stride_sd, group_min)
 
 
 @triton.jit
@@ -325,7 +335,7 @@ def launch_append(
         *new.stride(), *kv.residual.stride(), *kv.codes.stride(), *kv.scales.stride(),
         heads, kv.residual.shape[-2], n_new,
         BITS=bits, GROUP=group_size, RESIDUAL=residual_length, PER_CHANNEL=per_channel,
-        HEAD_DIM=head_dim, BLOCK_T=16,
+        HEAD_DIM=head_dim, BLOCK_T=NEW_TOKENS_TILE,
     )  # fmt: skip
 
 
@@ -366,5 +376,5 @@ def launch_append_kv(
         *new_value.stride(), *value.residual.stride(), *value.codes.stride(), *value.scales.stride(),
         heads, key.residual.shape[-2], value.residual.shape[-2], n_new,
         K_BITS=key_bits, V_BITS=value_bits, GROUP=group_size, RESIDUAL=residual_length,
-        K_PER_CHANNEL=key_per_channel, K_HEAD_DIM=new_key.shape[-1], V_HEAD_DIM=new_value.shape[-1], BLOCK_T=16,
+        K_PER_CHANNEL=key_per_channel, K_HEAD_DIM=new_key.shape[-1], V_HEAD_DIM=new_value.shape[-1], BLOCK_T=NEW_TOKENS_TILE,
     )  # fmt: skip

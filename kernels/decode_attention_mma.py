@@ -5,8 +5,8 @@ Why a second kernel: the Triton kernel (``decode_attention.py``) is bound by ins
 by memory (Nsight Compute on the H200, docs/results.md). Triton picks the register layouts itself,
 and most of its main loop moves bytes into the layout its dots read. Gluon, Triton's
 explicit-layout dialect, lets the layouts be written down: each lane loads exactly the codes of its
-``mma.sync.m16n8k16`` fragments and turns each pair of them into two fp16 operands with a shift, a
-mask and two half-precision operations, with no shared memory.
+``mma.sync.m16n8k16`` fragments and turns each pair of them into two fp16 operands with a shift, one
+``lop3`` and two half-precision operations, with no shared memory.
 
 One warp per program and 32-token blocks (one key group). Lane ``(g, t) = (lane // 4, lane % 4)``.
 For ``S = Q Kᵀ`` (M = query rows, N = the block's tokens, K = channels) it needs tokens ``8j + g``
@@ -54,6 +54,9 @@ HEAD_DIM, GROUP_SIZE, BITS, MAX_ROWS = 128, 32, 2, 16  # what the layouts below 
 # made more programs than fit at once took 0.772 ms against 0.626 for the one below it.
 PROGRAMS_PER_MULTIPROCESSOR = 8
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
+# How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
+# blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
+PREFETCH_BLOCKS = 2
 
 _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 _A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
@@ -75,13 +78,21 @@ _VALUE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
     warp_bases=[], block_bases=[], shape=[2, 2, 4, 8, 2]))  # fmt: skip
 ONE_HALVES = gl.constexpr(0x3C003C00)  # fp16 1.0 twice; codes at mantissa bits 8-9 make 1 + code / 4
 CODE_BITS = gl.constexpr(0x03000300)  # mantissa bits 8-9 of both halves
-SUBTRACT_ONE_AND_SPLIT = gl.constexpr(
-    f"{{ .reg .b32 one, x; mov.b32 one, {ONE_HALVES.value:#x}; sub.f16x2 x, $2, one; mov.b32 {{$0, $1}}, x; }}"
+# The two codes of word $2 dequantized: (word & CODE_BITS) | ONE_HALVES in one lop3, minus 1.0 (exact), times
+# 4 x the scales ($3, $4) plus the mins ($5, $6) in one fma.f16x2, split into its two halves.
+DEQUANTIZE_PAIR = gl.constexpr(
+    f"{{ .reg .b32 one, x, s, m; mov.b32 one, {ONE_HALVES.value:#x}; lop3.b32 x, $2, {CODE_BITS.value:#x}, one, "
+    f"0xea; sub.f16x2 x, x, one; mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; "
+    f"mov.b32 {{$0, $1}}, x; }}"
 )
 # The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
 # is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
 RESCALE_THRESHOLD = gl.constexpr(8.0)
 LOG2E = gl.constexpr(1.4426950408889634)
+# Ask L2 for $3 bytes at $2 when $1 is not 0 (sm_90: one instruction for a whole range).
+PREFETCH_L2 = gl.constexpr(
+    "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $3; mov.b32 $0, 0; }"
+)
 
 
 def _axis(parent, rank: int, axis: int):
@@ -116,38 +127,49 @@ def _index(n: gl.constexpr, axis: gl.constexpr, rank: gl.constexpr, layout: gl.c
 
 
 @gluon.jit
-def _codes(words):
-    """``code / 4`` of the codes at bits 8-9 and 24-25 of each word, as ``[..., 2]`` fp16 (low half first).
-    OR-ing the codes into the mantissa of 1.0 and subtracting 1.0 (one ``sub.f16x2``) is exact and
-    needs no int-to-float conversion."""
-    lo, hi = gl.inline_asm_elementwise(SUBTRACT_ONE_AND_SPLIT, "=h,=h,r", [(words & CODE_BITS) | ONE_HALVES],
+def _dequantized(words, scale4_lo, scale4_hi, min_lo, min_hi):
+    """``code * scale + min`` of the codes at bits 8-9 and 24-25 of each word as ``[..., 2]`` fp16 (low half
+    first), with 4 x the scales and the mins of each half. Each pair of scales (and mins) goes into one
+    register inside the asm, so ptxas keeps the halves paired as the tensor cores read them."""
+    lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR, "=h,=h,r,h,h,h,h", [words, scale4_lo, scale4_hi, min_lo, min_hi],
                                        dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
     return gl.join(lo, hi)
 
 
 @gluon.jit
-def _key_lane(words, j: gl.constexpr):
-    """Codes / 4 of token lane ``j`` as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
-    return gl.join(_codes(words << (8 - 2 * j)), _codes(words >> (2 * j)))
+def _on_key_words(x):
+    """A ``[c, t]`` tensor as ``[c, t, 1]`` along the key words' axes (the same for every g)."""
+    return gl.expand_dims(gl.convert_layout(x, gl.SliceLayout(2, _KEY_WORDS), assert_trivial=True), 2)
 
 
 @gluon.jit
-def _kappa_order(x):
-    """Key scales ``[t, 4c + 2e + f]`` as the vector along the key operand's rows ``κ = 16c + 8f + 2t + e``."""
-    x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 3, 0, 2))  # [c, f, t, e]
-    return gl.convert_layout(gl.reshape(x, (128,)), gl.SliceLayout(1, _B), assert_trivial=True)
+def _key_word_pairs(x):
+    """Key scales (or mins) ``[t, 4c + 2e + f]`` as ``[c, t, 1]`` tensors for (f, e) = 00, 01, 10, 11."""
+    e0, e1 = gl.split(gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 3, 2)))  # [c, t, f] each
+    f0e0, f1e0 = gl.split(e0)
+    f0e1, f1e1 = gl.split(e1)
+    return _on_key_words(f0e0), _on_key_words(f0e1), _on_key_words(f1e0), _on_key_words(f1e1)
+
+
+@gluon.jit
+def _key_lane(words, j: gl.constexpr, scale4, group_min):
+    """Keys of token lane ``j`` as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
+    s00, s01, s10, s11 = scale4
+    m00, m01, m10, m11 = group_min
+    return gl.join(_dequantized(words << (8 - 2 * j), s00, s01, m00, m01),
+                   _dequantized(words >> (2 * j), s10, s11, m10, m11))  # fmt: skip
 
 
 @gluon.jit
 def _key_operand(kc, ks, km, start, word_offsets, scale_offsets):
     """The block's keys as the ``[κ, ν]`` operand of ``S = Q Kᵀ``, dequantized in fp16."""
     words = gl.load(kc + (start // 4) * 32 + word_offsets).to(gl.uint32, bitcast=True)
-    scale4 = _kappa_order(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * 4.0)
-    group_min = _kappa_order(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
-    x = gl.join(gl.join(_key_lane(words, 0), _key_lane(words, 1)), gl.join(_key_lane(words, 2), _key_lane(words, 3)))
+    scale4 = _key_word_pairs(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * 4.0)
+    group_min = _key_word_pairs(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
+    x = gl.join(gl.join(_key_lane(words, 0, scale4, group_min), _key_lane(words, 1, scale4, group_min)),
+                gl.join(_key_lane(words, 2, scale4, group_min), _key_lane(words, 3, scale4, group_min)))
     # [c, t, g, e, f, j0, j1] -> [c, f, t, e, j1, j0, g]: kappa = 16c + 8f + 2t + e, nu = 8j + g
-    x = gl.convert_layout(gl.reshape(gl.permute(x, (0, 4, 1, 3, 6, 5, 2)), (128, 32)), _B, assert_trivial=True)
-    return x * scale4[:, None] + group_min[:, None]
+    return gl.convert_layout(gl.reshape(gl.permute(x, (0, 4, 1, 3, 6, 5, 2)), (128, 32)), _B, assert_trivial=True)
 
 
 @gluon.jit
@@ -162,7 +184,9 @@ def _value_channel(low, high, u: gl.constexpr, scale4, group_min):
         words = words << -shift
     elif shift > 0:
         words = words >> shift
-    return _codes(words) * scale4 + group_min
+    s_lo, s_hi = gl.split(scale4)
+    m_lo, m_hi = gl.split(group_min)
+    return _dequantized(words, s_lo, s_hi, m_lo, m_hi)
 
 
 @gluon.jit
@@ -191,6 +215,27 @@ def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets):
 
 
 @gluon.jit
+def _prefetch_range(pointer, size, wanted):
+    """Asks L2 for ``size`` bytes from ``pointer`` when ``wanted``: one instruction for the warp."""
+    gl.inline_asm_elementwise(PREFETCH_L2, "=r,r,l,r", [wanted.to(gl.int32), pointer.to(gl.int64), size],
+                              dtype=gl.int32, is_pure=False, pack=1)  # fmt: skip
+
+
+@gluon.jit
+def _prefetch(kc, ks, km, vc, vs, vm, start, tokens):
+    """Asks L2 for the six arrays' bytes of ``tokens`` tokens from ``start`` (multiples of BLOCK; none when
+    ``tokens`` is not positive). The loads of a one-warp program wait on each block in turn; with the
+    bytes already in L2 they wait for L2, not for memory."""
+    wanted = tokens > 0
+    _prefetch_range(kc + start * 8, tokens * 32, wanted)  # codes: 32 bytes a token (8 words)
+    _prefetch_range(ks + start * 4, tokens * 8, wanted)  # scales and mins: 8 bytes a token
+    _prefetch_range(km + start * 4, tokens * 8, wanted)
+    _prefetch_range(vc + start * 8, tokens * 32, wanted)
+    _prefetch_range(vs + start * 4, tokens * 8, wanted)
+    _prefetch_range(vm + start * 4, tokens * 8, wanted)
+
+
+@gluon.jit
 def _masked(scores, mask_ptrs, MASK_KIND: gl.constexpr):
     """Scores (log2 units) with a boolean (1: True attends) or additive (2) mask applied."""
     if MASK_KIND == 1:
@@ -215,11 +260,12 @@ def _quantized_blocks_kernel(
     vc_ptr, stride_vcb, stride_vch, vs_ptr, vm_ptr, stride_vsb, stride_vsh, v_lengths_ptr,
     mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
-    ROWS: gl.constexpr, MASK_KIND: gl.constexpr,
+    ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
-    mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides."""
+    mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides.
+    ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none)."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
     batch = (pid // kv_heads).to(gl.int64)
@@ -255,7 +301,12 @@ def _quantized_blocks_kernel(
     acc = gl.zeros([16, 128], gl.float32, layout=_MMA)
     row_sum = gl.zeros([16, 32], gl.float32, layout=_MMA)  # summed over the tokens at the end
     row_max = gl.full([16], -float("inf"), gl.float32, layout=gl.SliceLayout(1, _MMA))
+    if PREFETCH > 0:
+        _prefetch(kc, ks, km, vc, vs, vm, first, gl.minimum(PREFETCH * BLOCK, last - first))
     for start in range(first, last, BLOCK):
+        if PREFETCH > 0:
+            ahead = start + PREFETCH * BLOCK
+            _prefetch(kc, ks, km, vc, vs, vm, ahead, gl.where(ahead < last, BLOCK, 0))
         keys = _key_operand(kc, ks, km, start, key_words, key_scales)
         scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA)) * qk_scale
         if MASK_KIND != 0:
@@ -284,6 +335,11 @@ def _quantized_blocks_kernel(
 @functools.lru_cache
 def _has_mma_v2(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
+@functools.lru_cache
+def _has_bulk_prefetch(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
@@ -344,5 +400,6 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Te
         *value.scales.stride()[:2], value.lengths,
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
-        ROWS=q_heads // kv_heads, MASK_KIND=mask_kind, num_warps=1,
+        ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
+        PREFETCH=PREFETCH_BLOCKS if _has_bulk_prefetch(q.device) else 0, num_warps=1,
     )  # fmt: skip
