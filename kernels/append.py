@@ -376,5 +376,6 @@ def launch_append_kv(
         *new_value.stride(), *value.residual.stride(), *value.codes.stride(), *value.scales.stride(),
         heads, key.residual.shape[-2], value.residual.shape[-2], n_new,
         K_BITS=key_bits, V_BITS=value_bits, GROUP=group_size, RESIDUAL=residual_length,
-        K_PER_CHANNEL=key_per_channel, K_HEAD_DIM=new_key.shape[-1], V_HEAD_DIM=new_value.shape[-1], BLOCK_T=NEW_TOKENS_TILE,
+        K_PER_CHANNEL=key_per_channel, K_HEAD_DIM=new_key.shape[-1], V_HEAD_DIM=new_value.shape[-1],
+        BLOCK_T=NEW_TOKENS_TILE,
     )  # fmt: skip
