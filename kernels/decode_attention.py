@@ -19,8 +19,8 @@ instead of two. Lengths are read on the device; ``S`` and the chunk are chosen f
 capacity so nothing waits for the host.
 
 For the common large decode step (float16, head_dim 128, 2-bit, G = 32, one token) the
-blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.0x
-faster at B = 8, T = 32k on the H200), and this kernel only adds the rest of each sequence as one
+blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.5x
+faster at B = 8, T = 32k on the H100), and this kernel only adds the rest of each sequence as one
 more partial.
 """
 
