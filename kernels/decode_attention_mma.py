@@ -333,13 +333,9 @@ def _quantized_blocks_kernel(
 
 
 @functools.lru_cache
-def _has_mma_v2(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (8, 0)
-
-
-@functools.lru_cache
-def _has_bulk_prefetch(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device) >= (9, 0)
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The GPU's compute capability, asked once: ``mma.sync`` needs 8.0, the L2 bulk prefetch 9.0."""
+    return torch.cuda.get_device_capability(device)
 
 
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
@@ -347,7 +343,7 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
     """Why this kernel cannot take the quantized blocks of these inputs (None when it can)."""
     _, q_heads, q_len, head_dim = q.shape
     rows = q_len * q_heads // key.residual.shape[1]
-    if not q.is_cuda or not _has_mma_v2(q.device):
+    if not q.is_cuda or _capability(q.device) < (8, 0):
         return "needs a CUDA GPU with mma.sync (compute capability 8.0 or newer)"
     if (q.dtype, head_dim, key_bits, value_bits, group_size) != (torch.float16, HEAD_DIM, BITS, BITS, GROUP_SIZE):
         return "written for float16, head_dim 128, 2-bit keys and values and G = 32"
@@ -401,5 +397,5 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Te
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
         ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
-        PREFETCH=PREFETCH_BLOCKS if _has_bulk_prefetch(q.device) else 0, num_warps=1,
+        PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, num_warps=1,
     )  # fmt: skip
