@@ -48,13 +48,13 @@ def main() -> None:
         prompt, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, return_dict_in_generate=True
     )
     seconds = time.perf_counter() - start
-    layers = returned_cache(out).layers
-    kivi_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in layers)
-    fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in layers)
+    cache = returned_cache(out)
+    kivi_bytes = sum(layer.keys.nbytes_held() + layer.values.nbytes_held() for layer in cache.layers)
+    fp16_bytes = sum(2 * (layer.keys.numel() + layer.values.numel()) for layer in cache.layers)
     agreement = (next_token_choices(model, fp16_sequence) == fp16_choices).float().mean().item()
 
     print(f"generated {out.sequences.shape[1] - PROMPT_TOKENS} tokens with backend='kivi' in {seconds:.1f} s")
-    print(f"KV cache after {returned_cache(out).get_seq_length()} tokens: fp16 {fp16_bytes / 2**20:.2f} MiB, "
+    print(f"KV cache after {cache.get_seq_length()} tokens: fp16 {fp16_bytes / 2**20:.2f} MiB, "
           f"KIVI {kivi_bytes / 2**20:.2f} MiB ({fp16_bytes / kivi_bytes:.1f}x smaller)")  # fmt: skip
     print(f"next-token agreement with the fp16 model on the same text: {agreement:.1%}")
 
