@@ -1,5 +1,5 @@
-"""Decode attention over the blocks quantized on both sides, in Gluon: the 2-bit codes are unpacked
-straight into the tensor cores' operand registers.
+"""Decode attention over the blocks quantized on both sides, in Gluon: the 2- or 4-bit codes are
+unpacked straight into the tensor cores' operand registers.
 
 Why a second kernel: the Triton kernel (``decode_attention.py``) is bound by instruction issue, not
 by memory (Nsight Compute on the H200, docs/results.md). Triton picks the register layouts itself,
@@ -14,24 +14,26 @@ and channels ``16c + 2t + e + 8f``. Neither index has to follow the cache's orde
 same on both sides of the product:
 
 - token ``ν = 8j + g`` is token ``4g + j`` of the block: byte row ``g`` of the packed keys (4 tokens
-  per byte), code ``j`` of every byte;
+  per byte), code ``j`` of every byte. With 4-bit keys (2 tokens per byte) it is token
+  ``2g + 16 (j // 2) + j % 2``: code ``j % 2`` of byte row ``g + 8 (j // 2)``, so each lane reads two
+  byte rows;
 - channel ``κ = 16c + 8f + 2t + e`` is channel ``32t + 4c + 2e + f``: lane ``t`` reads the 32
   contiguous bytes ``32t .. 32t + 31`` of its byte row, a fragment's pair ``e = 0, 1`` sits in bytes
   ``f`` and ``f + 2`` of a 32-bit word, and one shift and one mask put both codes into the top
-  mantissa bits of two fp16 halves (``1 + code / 4``). The query is loaded in ``κ`` order.
+  mantissa bits of two fp16 halves (``1 + code / 2^bits``). The query is loaded in ``κ`` order.
 
 For ``O = P V`` (K = the tokens in ``ν`` order, N = output channels) the lane needs tokens
 ``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
-of its tokens' packed values, inside one value group. A fragment pairs two tokens of one channel, so
-the two tokens' words are interleaved by halves first. ``P`` stays in registers between the products
+of its tokens' packed values (words ``2g`` and ``2g + 1`` with 4 bits), inside one value group. A
+fragment pairs two tokens of one channel, so the two tokens' words are interleaved by halves first. ``P`` stays in registers between the products
 (the accumulator layout of ``S`` is the operand layout of ``P``, as in FlashAttention-2).
 
-Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout: column ``ν``
-of a block is token ``4 (ν mod 8) + ν // 8``. Rows that see no token yet (left padding) keep a maximum
+Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout, column
+``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
-The scope is what the layouts above are written for: float16, head_dim 128, 2-bit keys and values,
-G = 32, one query token, at most 16 query rows per KV head, not causal. The Triton kernel takes
+The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
+values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The Triton kernel takes
 everything else, and the tail of every sequence here (blocks with a residual side), as one more partial
 result.
 """
@@ -48,7 +50,8 @@ from .cache_layout import N_QUANT, QuantizedKV
 
 BLOCK = gl.constexpr(32)  # tokens per block: one key group
 _N_QUANT = gl.constexpr(N_QUANT)
-HEAD_DIM, GROUP_SIZE, BITS, MAX_ROWS = 128, 32, 2, 16  # what the layouts below are written for
+HEAD_DIM, GROUP_SIZE, MAX_ROWS = 128, 32, 16  # what the layouts below are written for
+SUPPORTED_BITS = (2, 4)
 # One warp per program takes ~240 registers, so 8 programs fit on a multiprocessor. The splits fill one
 # wave of them and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02) the split that
 # made more programs than fit at once took 0.772 ms against 0.626 for the one below it.
@@ -76,15 +79,22 @@ _VALUE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]],
     lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
     warp_bases=[], block_bases=[], shape=[2, 2, 4, 8, 2]))  # fmt: skip
-ONE_HALVES = gl.constexpr(0x3C003C00)  # fp16 1.0 twice; codes at mantissa bits 8-9 make 1 + code / 4
-CODE_BITS = gl.constexpr(0x03000300)  # mantissa bits 8-9 of both halves
-# The two codes of word $2 dequantized: (word & CODE_BITS) | ONE_HALVES in one lop3, minus 1.0 (exact), times
-# 4 x the scales ($3, $4) plus the mins ($5, $6) in one fma.f16x2, split into its two halves.
-DEQUANTIZE_PAIR = gl.constexpr(
-    f"{{ .reg .b32 one, x, s, m; mov.b32 one, {ONE_HALVES.value:#x}; lop3.b32 x, $2, {CODE_BITS.value:#x}, one, "
-    f"0xea; sub.f16x2 x, x, one; mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; "
-    f"mov.b32 {{$0, $1}}, x; }}"
-)
+ONE_HALVES = 0x3C003C00  # fp16 1.0 twice; a b-bit code at the top mantissa bits makes 1 + code / 2^b
+
+
+def _dequantize_pair(bits: int) -> str:
+    """The asm that dequantizes the two ``bits``-bit codes at the top mantissa bits of word $2's halves:
+    (word & code bits) | ONE_HALVES in one lop3, minus 1.0 (exact), times 2^bits x the scales ($3, $4)
+    plus the mins ($5, $6) in one fma.f16x2, split into its two halves."""
+    code_bits = ((1 << bits) - 1) << (10 - bits)
+    code_bits |= code_bits << 16
+    return (f"{{ .reg .b32 one, x, s, m; mov.b32 one, {ONE_HALVES:#x}; lop3.b32 x, $2, {code_bits:#x}, one, 0xea; "
+            f"sub.f16x2 x, x, one; mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; "
+            f"mov.b32 {{$0, $1}}, x; }}")  # fmt: skip
+
+
+DEQUANTIZE_PAIR_2 = gl.constexpr(_dequantize_pair(2))
+DEQUANTIZE_PAIR_4 = gl.constexpr(_dequantize_pair(4))
 # The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
 # is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
 RESCALE_THRESHOLD = gl.constexpr(8.0)
@@ -127,13 +137,36 @@ def _index(n: gl.constexpr, axis: gl.constexpr, rank: gl.constexpr, layout: gl.c
 
 
 @gluon.jit
-def _dequantized(words, scale4_lo, scale4_hi, min_lo, min_hi):
-    """``code * scale + min`` of the codes at bits 8-9 and 24-25 of each word as ``[..., 2]`` fp16 (low half
-    first), with 4 x the scales and the mins of each half. Each pair of scales (and mins) goes into one
-    register inside the asm, so ptxas keeps the halves paired as the tensor cores read them."""
-    lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR, "=h,=h,r,h,h,h,h", [words, scale4_lo, scale4_hi, min_lo, min_hi],
-                                       dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
+def _moved(words, from_bit: gl.constexpr, to_bit: gl.constexpr):
+    """``words`` shifted so that bit ``from_bit`` lands on ``to_bit``."""
+    if to_bit > from_bit:
+        words = words << (to_bit - from_bit)
+    elif to_bit < from_bit:
+        words = words >> (from_bit - to_bit)
+    return words
+
+
+@gluon.jit
+def _dequantized(words, scale_lo, scale_hi, min_lo, min_hi, BITS: gl.constexpr):
+    """``code * scale + min`` of the codes at the top mantissa bits of each word's halves (bits ``10 - BITS``
+    and ``26 - BITS`` up) as ``[..., 2]`` fp16 (low half first), with 2^BITS x the scales and the mins of
+    each half. Each pair of scales (and mins) goes into one register inside the asm, so ptxas keeps the
+    halves paired as the tensor cores read them."""
+    operands = [words, scale_lo, scale_hi, min_lo, min_hi]
+    if BITS == 2:
+        lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR_2, "=h,=h,r,h,h,h,h", operands,
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
+    else:
+        lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR_4, "=h,=h,r,h,h,h,h", operands,
+                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
     return gl.join(lo, hi)
+
+
+@gluon.jit
+def _block_token(g, j, KEY_BITS: gl.constexpr):
+    """The block's token at column ``ν = 8j + g`` of the scores (see the module docstring)."""
+    per_byte: gl.constexpr = 8 // KEY_BITS
+    return per_byte * g + j % per_byte + 8 * per_byte * (j // per_byte)
 
 
 @gluon.jit
@@ -152,63 +185,74 @@ def _key_word_pairs(x):
 
 
 @gluon.jit
-def _key_lane(words, j: gl.constexpr, scale4, group_min):
-    """Keys of token lane ``j`` as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
-    s00, s01, s10, s11 = scale4
+def _key_lane(words, code: gl.constexpr, scale, group_min, BITS: gl.constexpr):
+    """Keys of code ``code`` of each byte as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
+    s00, s01, s10, s11 = scale
     m00, m01, m10, m11 = group_min
-    return gl.join(_dequantized(words << (8 - 2 * j), s00, s01, m00, m01),
-                   _dequantized(words >> (2 * j), s10, s11, m10, m11))  # fmt: skip
+    top: gl.constexpr = 10 - BITS  # the lowest mantissa bit a code takes
+    return gl.join(_dequantized(_moved(words, BITS * code, top), s00, s01, m00, m01, BITS),
+                   _dequantized(_moved(words, 8 + BITS * code, top), s10, s11, m10, m11, BITS))  # fmt: skip
 
 
 @gluon.jit
-def _key_operand(kc, ks, km, start, word_offsets, scale_offsets):
+def _key_operand(kc, ks, km, start, word_offsets, scale_offsets, BITS: gl.constexpr):
     """The block's keys as the ``[κ, ν]`` operand of ``S = Q Kᵀ``, dequantized in fp16."""
-    words = gl.load(kc + (start // 4) * 32 + word_offsets).to(gl.uint32, bitcast=True)
-    scale4 = _key_word_pairs(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * 4.0)
+    rows = kc + start * (4 * BITS)  # the block's first byte row (32 words a row)
+    scale = _key_word_pairs(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * (1 << BITS))
     group_min = _key_word_pairs(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
-    x = gl.join(gl.join(_key_lane(words, 0, scale4, group_min), _key_lane(words, 1, scale4, group_min)),
-                gl.join(_key_lane(words, 2, scale4, group_min), _key_lane(words, 3, scale4, group_min)))
+    words = gl.load(rows + word_offsets).to(gl.uint32, bitcast=True)
+    if BITS == 2:  # tokens 4g + j: code j of byte row g
+        x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
+                    gl.join(_key_lane(words, 2, scale, group_min, BITS), _key_lane(words, 3, scale, group_min, BITS)))
+    else:  # tokens 2g + 16 j1 + j0: code j0 of byte row g + 8 j1
+        more = gl.load(rows + 8 * 32 + word_offsets).to(gl.uint32, bitcast=True)
+        x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
+                    gl.join(_key_lane(more, 0, scale, group_min, BITS), _key_lane(more, 1, scale, group_min, BITS)))
     # [c, t, g, e, f, j0, j1] -> [c, f, t, e, j1, j0, g]: kappa = 16c + 8f + 2t + e, nu = 8j + g
     return gl.convert_layout(gl.reshape(gl.permute(x, (0, 4, 1, 3, 6, 5, 2)), (128, 32)), _B, assert_trivial=True)
 
 
 @gluon.jit
-def _value_channel(low, high, u: gl.constexpr, scale4, group_min):
-    """Values of output channel ``u`` of each lane's word (two tokens) as ``[h, f, t, g, e]`` fp16."""
-    if u < 8:
-        words = low
-    else:
-        words = high
-    shift: gl.constexpr = 2 * (u % 8) - 8  # moves the code at bits 2u (and 16 + 2u) to bits 8 (and 24)
-    if shift < 0:
-        words = words << -shift
-    elif shift > 0:
-        words = words >> shift
-    s_lo, s_hi = gl.split(scale4)
+def _value_channel(halves, u: gl.constexpr, scale, group_min, BITS: gl.constexpr):
+    """Values of output channel ``u`` of each lane's 16 channels (two tokens) as ``[h, f, t, g, e]`` fp16.
+    ``halves`` hold the two tokens' codes of 16 // BITS channels each, one token per 16-bit half."""
+    per_half: gl.constexpr = 16 // BITS
+    words = _moved(halves[u // per_half], BITS * (u % per_half), 10 - BITS)
+    s_lo, s_hi = gl.split(scale)
     m_lo, m_hi = gl.split(group_min)
-    return _dequantized(words, s_lo, s_hi, m_lo, m_hi)
+    return _dequantized(words, s_lo, s_hi, m_lo, m_hi, BITS)
 
 
 @gluon.jit
-def _value_quad(low, high, u: gl.constexpr, scale4, group_min):
+def _value_quad(halves, u: gl.constexpr, scale, group_min, BITS: gl.constexpr):
     """Channels ``u .. u + 3`` joined on two new trailing axes (bits 0 and 1 of the channel)."""
-    return gl.join(gl.join(_value_channel(low, high, u, scale4, group_min),
-                           _value_channel(low, high, u + 1, scale4, group_min)),
-                   gl.join(_value_channel(low, high, u + 2, scale4, group_min),
-                           _value_channel(low, high, u + 3, scale4, group_min)))  # fmt: skip
+    return gl.join(gl.join(_value_channel(halves, u, scale, group_min, BITS),
+                           _value_channel(halves, u + 1, scale, group_min, BITS)),
+                   gl.join(_value_channel(halves, u + 2, scale, group_min, BITS),
+                           _value_channel(halves, u + 3, scale, group_min, BITS)))  # fmt: skip
 
 
 @gluon.jit
-def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets):
+def _interleaved(words):
+    """A ``[..., e]`` word of two tokens (e = 0, 1) as two words of both tokens' low and high halves."""
+    first, second = gl.split(words)
+    return (first & 0xFFFF) | (second << 16), (first >> 16) | (second & 0xFFFF0000)
+
+
+@gluon.jit
+def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets, BITS: gl.constexpr):
     """The block's values as the ``[ν, μ]`` operand of ``O = P V``, dequantized in fp16."""
-    words = gl.load(vc + start * 8 + word_offsets).to(gl.uint32, bitcast=True)
-    first, second = gl.split(words)  # the fragment's token pair (e = 0, 1)
-    low = (first & 0xFFFF) | (second << 16)  # channels 0-7 of both tokens
-    high = (first >> 16) | (second & 0xFFFF0000)  # channels 8-15
-    scale4 = gl.load(vs + start * 4 + scale_offsets) * 4.0
+    codes = vc + start * (4 * BITS)  # the block's first token (4 * BITS words a token)
+    if BITS == 2:  # word g: channels 16g .. 16g + 15
+        halves = _interleaved(gl.load(codes + word_offsets).to(gl.uint32, bitcast=True))
+    else:  # words 2g and 2g + 1
+        halves = (_interleaved(gl.load(codes + word_offsets).to(gl.uint32, bitcast=True))
+                  + _interleaved(gl.load(codes + word_offsets + 1).to(gl.uint32, bitcast=True)))  # fmt: skip
+    scale = gl.load(vs + start * 4 + scale_offsets) * (1 << BITS)
     group_min = gl.load(vm + start * 4 + scale_offsets)
-    v = gl.join(gl.join(_value_quad(low, high, 0, scale4, group_min), _value_quad(low, high, 4, scale4, group_min)),
-                gl.join(_value_quad(low, high, 8, scale4, group_min), _value_quad(low, high, 12, scale4, group_min)))
+    v = gl.join(gl.join(_value_quad(halves, 0, scale, group_min, BITS), _value_quad(halves, 4, scale, group_min, BITS)),
+                gl.join(_value_quad(halves, 8, scale, group_min, BITS),
+                        _value_quad(halves, 12, scale, group_min, BITS)))  # fmt: skip
     # [h, f, t, g, e, u0, u1, u2, u3] -> [h, f, t, e, u3, u2, u1, u0, g]: nu = 16h + 8f + 2t + e, mu = 8u + g
     v = gl.reshape(gl.permute(v, (0, 1, 2, 4, 8, 7, 6, 5, 3)), (32, 128))
     return gl.convert_layout(v, _B, assert_trivial=True)
@@ -222,15 +266,15 @@ def _prefetch_range(pointer, size, wanted):
 
 
 @gluon.jit
-def _prefetch(kc, ks, km, vc, vs, vm, start, tokens):
+def _prefetch(kc, ks, km, vc, vs, vm, start, tokens, KEY_BITS: gl.constexpr, VALUE_BITS: gl.constexpr):
     """Asks L2 for the six arrays' bytes of ``tokens`` tokens from ``start`` (multiples of BLOCK; none when
     ``tokens`` is not positive). The loads of a one-warp program wait on each block in turn; with the
     bytes already in L2 they wait for L2, not for memory."""
     wanted = tokens > 0
-    _prefetch_range(kc + start * 8, tokens * 32, wanted)  # codes: 32 bytes a token (8 words)
+    _prefetch_range(kc + start * (4 * KEY_BITS), tokens * (16 * KEY_BITS), wanted)  # codes: 16 x bits bytes a token
     _prefetch_range(ks + start * 4, tokens * 8, wanted)  # scales and mins: 8 bytes a token
     _prefetch_range(km + start * 4, tokens * 8, wanted)
-    _prefetch_range(vc + start * 8, tokens * 32, wanted)
+    _prefetch_range(vc + start * (4 * VALUE_BITS), tokens * (16 * VALUE_BITS), wanted)
     _prefetch_range(vs + start * 4, tokens * 8, wanted)
     _prefetch_range(vm + start * 4, tokens * 8, wanted)
 
@@ -260,7 +304,8 @@ def _quantized_blocks_kernel(
     vc_ptr, stride_vcb, stride_vch, vs_ptr, vm_ptr, stride_vsb, stride_vsh, v_lengths_ptr,
     mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
-    ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr,
+    ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr, KEY_BITS: gl.constexpr,
+    VALUE_BITS: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
@@ -284,17 +329,18 @@ def _quantized_blocks_kernel(
     vm = vm_ptr + batch * stride_vsb + kv_head * stride_vsh
     key_words = _index(8, 0, 3, _KW_C) + 8 * _index(4, 1, 3, _KW_T) + 32 * _index(8, 2, 3, _KW_G)
     key_scales = 32 * _index(4, 0, 2, _KS_T) + _index(32, 1, 2, _KS_P)
-    tokens = (2 * _index(2, 0, 5, _VW_H) + _index(2, 1, 5, _VW_F) + 8 * _index(4, 2, 5, _VW_T)
-              + 4 * _index(2, 4, 5, _VW_E))  # fmt: skip
+    # nu = 16h + 8f + 2t + e: g = 2t + e, j = 2h + f
+    tokens = _block_token(2 * _index(4, 2, 5, _VW_T) + _index(2, 4, 5, _VW_E),
+                          2 * _index(2, 0, 5, _VW_H) + _index(2, 1, 5, _VW_F), KEY_BITS)  # fmt: skip
     word = _index(8, 3, 5, _VW_G)
-    value_words = tokens * 8 + word
+    value_words = tokens * (4 * VALUE_BITS) + word * (VALUE_BITS // 2)
     value_scales = tokens * 4 + word // 2
 
     # Padding rows (ROWS .. 15) read the last row's mask: never past the mask's last head, and never stored.
     heads = kv_head * ROWS + gl.minimum(gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA)), ROWS - 1)
     nu = gl.arange(0, 32, layout=gl.SliceLayout(0, _MMA))
     mask_ptrs = (mask_ptr + batch * stride_mb + heads[:, None] * stride_mh
-                 + (4 * (nu % 8) + nu // 8)[None, :] * stride_mt)  # fmt: skip
+                 + _block_token(nu % 8, nu // 8, KEY_BITS)[None, :] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
     first = split * tokens_per_split
     last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
@@ -302,12 +348,12 @@ def _quantized_blocks_kernel(
     row_sum = gl.zeros([16, 32], gl.float32, layout=_MMA)  # summed over the tokens at the end
     row_max = gl.full([16], -float("inf"), gl.float32, layout=gl.SliceLayout(1, _MMA))
     if PREFETCH > 0:
-        _prefetch(kc, ks, km, vc, vs, vm, first, gl.minimum(PREFETCH * BLOCK, last - first))
+        _prefetch(kc, ks, km, vc, vs, vm, first, gl.minimum(PREFETCH * BLOCK, last - first), KEY_BITS, VALUE_BITS)
     for start in range(first, last, BLOCK):
         if PREFETCH > 0:
             ahead = start + PREFETCH * BLOCK
-            _prefetch(kc, ks, km, vc, vs, vm, ahead, gl.where(ahead < last, BLOCK, 0))
-        keys = _key_operand(kc, ks, km, start, key_words, key_scales)
+            _prefetch(kc, ks, km, vc, vs, vm, ahead, gl.where(ahead < last, BLOCK, 0), KEY_BITS, VALUE_BITS)
+        keys = _key_operand(kc, ks, km, start, key_words, key_scales, KEY_BITS)
         scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA)) * qk_scale
         if MASK_KIND != 0:
             scores = _masked(scores, mask_ptrs + start * stride_mt, MASK_KIND)
@@ -320,7 +366,7 @@ def _quantized_blocks_kernel(
             row_max = new_max
         probs = gl.exp2(scores - _finite_max(row_max)[:, None])
         row_sum += probs
-        values = _value_operand(vc, vs, vm, start, value_words, value_scales)
+        values = _value_operand(vc, vs, vm, start, value_words, value_scales, VALUE_BITS)
         acc = gl.nvidia.ampere.mma_v2(gl.convert_layout(probs.to(gl.float16), _A), values, acc)
 
     partial = (pid * num_partials + split) * 16
@@ -345,8 +391,10 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
     rows = q_len * q_heads // key.residual.shape[1]
     if not q.is_cuda or _capability(q.device) < (8, 0):
         return "needs a CUDA GPU with mma.sync (compute capability 8.0 or newer)"
-    if (q.dtype, head_dim, key_bits, value_bits, group_size) != (torch.float16, HEAD_DIM, BITS, BITS, GROUP_SIZE):
-        return "written for float16, head_dim 128, 2-bit keys and values and G = 32"
+    if (q.dtype, head_dim, group_size) != (torch.float16, HEAD_DIM, GROUP_SIZE) or not {key_bits, value_bits} <= set(
+        SUPPORTED_BITS
+    ):
+        return "written for float16, head_dim 128, 2- or 4-bit keys and values and G = 32"
     if is_causal:
         return "takes no is_causal (one query token over the whole cache needs none)"
     if rows > MAX_ROWS:
@@ -355,7 +403,7 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
         return "takes one query token per head, with contiguous channels"
     dense_rows = {
         "key codes": (key.codes, HEAD_DIM), "key scales": (key.scales, HEAD_DIM), "key mins": (key.mins, HEAD_DIM),
-        "value codes": (value.codes, HEAD_DIM // 4), "value scales": (value.scales, HEAD_DIM // GROUP_SIZE),
+        "value codes": (value.codes, HEAD_DIM * value_bits // 8), "value scales": (value.scales, HEAD_DIM // GROUP_SIZE),
         "value mins": (value.mins, HEAD_DIM // GROUP_SIZE),
     }  # fmt: skip
     for name, (tensor, row) in dense_rows.items():
@@ -366,9 +414,9 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
     return None
 
 
-def quantized_capacity(key: QuantizedKV, value: QuantizedKV) -> int:
+def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> int:
     """The most tokens the buffers can hold quantized on both sides (their count is on the device)."""
-    return min(key.codes.shape[-2] * 4, value.codes.shape[-2])
+    return min(key.codes.shape[-2] * (8 // key_bits), value.codes.shape[-2])
 
 
 def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
@@ -377,9 +425,9 @@ def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> 
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
-def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Tensor | None, mask_kind: int,
-           qk_scale: float, capacity: int, splits: int, num_partials: int, acc: torch.Tensor, row_max: torch.Tensor,
-           row_sum: torch.Tensor) -> None:  # fmt: skip
+def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
+           mask: torch.Tensor | None, mask_kind: int, qk_scale: float, capacity: int, splits: int, num_partials: int,
+           acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
     """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
     ``mask`` is ``[B, Hq, 1, T]`` (bool as uint8, ``mask_kind`` 1; additive, 2; None, 0), ``qk_scale`` in
     log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken."""
@@ -397,5 +445,6 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Te
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
         ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
-        PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, num_warps=1,
+        PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
+        VALUE_BITS=value_bits, num_warps=1,
     )  # fmt: skip

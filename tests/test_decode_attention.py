@@ -254,20 +254,37 @@ def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
 
 @pytest.mark.gpu
 @on_gpu
+@pytest.mark.parametrize(("key_bits", "value_bits"), [(2, 2), (4, 4)])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8), (32, 4), (16, 1)])
 @pytest.mark.parametrize(("prompt", "steps", "residual"), [(4001, [1] * 70, 128), (45, [1] * 3, 32),
                                                            (1000, [1] * 37, 128), (300, [1] * 5, 64)])  # fmt: skip
-def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, steps, residual, monkeypatch):
+def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, steps, residual, key_bits, value_bits,
+                                                    monkeypatch):  # fmt: skip
     """The Gluon kernel over the blocks quantized on both sides (1, 4, 8 and 16 query rows per KV head,
     quantized lengths that are not multiples of its 32-token blocks, split or not) and the Triton
     kernel over the rest, combined; taken here for caches of any size."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    spec_k, spec_v = CacheSpec(True, 2, 32, residual), CacheSpec(False, 2, 32, residual)
+    spec_k, spec_v = CacheSpec(True, key_bits, 32, residual), CacheSpec(False, value_bits, 32, residual)
     outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
     key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, prompt, steps, scale=outliers)
     value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, prompt, steps)
     q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
-    assert decode_attention.mma_path_unsupported(q, key, value, False, 2, 2, 32) is None
+    assert decode_attention.mma_path_unsupported(q, key, value, False, key_bits, value_bits, 32) is None
+    check(q, key, value, spec_k, spec_v)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize(("key_bits", "value_bits"), [(4, 2), (2, 4)])
+def test_gluon_blocks_take_keys_and_values_of_different_bits(key_bits, value_bits, monkeypatch):
+    """The key side's token order (4 or 2 tokens a byte) is the one the value side follows."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    spec_k, spec_v = CacheSpec(True, key_bits, 32, 128), CacheSpec(False, value_bits, 32, 128)
+    outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 3, 8, 128, torch.float16, 1000, [1] * 37, scale=outliers)
+    value = filled_cache(spec_v, 3, 8, 128, torch.float16, 1000, [1] * 37)
+    q = torch.randn(3, 32, 1, 128, device=DEVICE).half()
+    assert decode_attention.uses_mma_path(q, key, value, False, key_bits, value_bits, 32)
     check(q, key, value, spec_k, spec_v)
 
 
@@ -285,19 +302,20 @@ def left_padding_mask(padding: list[int], seq_len: int, kind: str, dtype: torch.
 
 @pytest.mark.gpu
 @on_gpu
+@pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize("mask_kind", ["bool", "additive"])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
-def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, monkeypatch):
+def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, bits, monkeypatch):
     """Left-padded rows, as HF's batched generate passes them: one row hides nothing, one the first
     37 tokens (inside a block), one the first 300 (whole blocks and the first split: partials that see
-    no token at all)."""
+    no token at all). The mask's columns follow the keys' token order, which the bits set."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    spec_k, spec_v = CacheSpec(True, 2, 32, 128), CacheSpec(False, 2, 32, 128)
+    spec_k, spec_v = CacheSpec(True, bits, 32, 128), CacheSpec(False, bits, 32, 128)
     outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
     key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, 1000, [1] * 37, scale=outliers)
     value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, 1000, [1] * 37)
     q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
-    assert decode_attention.uses_mma_path(q, key, value, False, 2, 2, 32)
+    assert decode_attention.uses_mma_path(q, key, value, False, bits, bits, 32)
     mask = left_padding_mask([0, 37, 300], 1037, mask_kind, torch.float16, q_heads)
     check(q, key, value, spec_k, spec_v, mask=mask)
 
@@ -310,7 +328,8 @@ def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
     q = torch.randn(1, 2, 1, 128, device=DEVICE).half()
     unsupported = decode_attention.mma_path_unsupported
     assert "float16" in unsupported(q.bfloat16(), key, key, False, 2, 2, 32)
-    assert "2-bit" in unsupported(q, key, key, False, 4, 2, 32)
+    assert "2- or 4-bit" in unsupported(q, key, key, False, 8, 2, 32)
+    assert "2- or 4-bit" in unsupported(q, key, key, False, 2, 3, 32)
     assert "is_causal" in unsupported(q, key, key, True, 2, 2, 32)
     assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, False, 2, 2, 32)
     assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, False,
@@ -325,24 +344,24 @@ def test_the_gluon_kernel_needs_a_cuda_gpu():
     assert "CUDA" in decode_attention.mma_path_unsupported(q, key, key, False, 2, 2, 32)
 
 
-@pytest.mark.parametrize("mask_kind", [None, "bool", "additive"])
-def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, monkeypatch):
+@pytest.mark.parametrize(("mask_kind", "bits"), [(None, 2), ("bool", 2), ("additive", 2), ("bool", 4)])
+def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, bits, monkeypatch):
     """The Gluon kernel's contract, played by PyTorch (partial 0 of each KV head holds its blocks
     quantized on both sides, rounded down to 32 tokens; the other splits are empty), so that the
     Triton kernel's tail launch and the combine around it run here, on the interpreter. The tail starts at
     token 96, an odd multiple of 32, and takes a block whose keys are quantized and values are not. With a
     mask, row 1's padding hides every quantized block: its partial sees no token (maximum ``-inf``)."""
-    spec_k, spec_v = CacheSpec(True, 2, 8, 32), CacheSpec(False, 2, 8, 32)
+    spec_k, spec_v = CacheSpec(True, bits, 8, 32), CacheSpec(False, bits, 8, 32)
     key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
     value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
     mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
 
-    def gluon_stand_in(q, key, value, mask, mask_kind, qk_scale, capacity, splits, num_partials, acc, row_max,
-                       row_sum):  # fmt: skip
+    def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, capacity, splits, num_partials,
+                       acc, row_max, row_sum):  # fmt: skip
         n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
-        keys = dequantize_cache_ref(key, 2, 8, per_channel=True)[:, :, :n_quant]
-        values = dequantize_cache_ref(value, 2, 8, per_channel=False)[:, :, :n_quant]
+        keys = dequantize_cache_ref(key, key_bits, 8, per_channel=True)[:, :, :n_quant]
+        values = dequantize_cache_ref(value, value_bits, 8, per_channel=False)[:, :, :n_quant]
         rows = q.shape[1] // keys.shape[1]
         scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
         if mask_kind:
