@@ -298,9 +298,18 @@ def _dequantize_keys(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stri
 
 
 @triton.jit
+def _ring_row(tokens, first_residual, start, capacity):
+    """The ring row of each residual token. ``start < capacity`` and a valid token is less than
+    ``capacity`` past ``first_residual``, so the ring wraps at most once: a compare and a subtract
+    instead of an integer remainder per row (most of a residual block's address arithmetic)."""
+    rows = start + tokens - first_residual
+    return tl.where(rows >= capacity, rows - capacity, rows)
+
+
+@triton.jit
 def _ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, channels, valid):
     """Residual tokens ``[tokens, D]`` (logical positions ``tokens``) from the ring buffer."""
-    rows = (start + tokens - first_residual) % capacity
+    rows = _ring_row(tokens, first_residual, start, capacity)
     offsets = rows[:, None] * stride_t + channels[None, :] * stride_d
     return tl.load(residual_ptr + offsets, mask=valid[:, None], other=0.0)
 
@@ -310,7 +319,7 @@ def _lane_major_ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residu
                           LANES: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     """:func:`_ring_rows` of all channels, columns in :func:`_value_channel_order`: loaded as
     ``[tokens, D / P, P]`` (adjacent channels last, so the loads stay vectorized), permuted in registers."""
-    rows = (start + tokens - first_residual) % capacity
+    rows = _ring_row(tokens, first_residual, start, capacity)
     channels = tl.arange(0, HEAD_DIM // LANES)[:, None] * LANES + tl.arange(0, LANES)[None, :]
     offsets = rows[:, None, None] * stride_t + channels[None, :, :] * stride_d
     x = tl.load(residual_ptr + offsets, mask=valid[:, None, None], other=0.0)
