@@ -25,17 +25,18 @@ same on both sides of the product:
 For ``O = P V`` (K = the tokens in ``ν`` order, N = output channels) the lane needs tokens
 ``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
 of its tokens' packed values (words ``2g`` and ``2g + 1`` with 4 bits), inside one value group. A
-fragment pairs two tokens of one channel, so the two tokens' words are interleaved by halves first. ``P`` stays in registers between the products
-(the accumulator layout of ``S`` is the operand layout of ``P``, as in FlashAttention-2).
+fragment pairs two tokens of one channel, so the two tokens' words are interleaved by halves first.
+``P`` stays in registers between the products (the accumulator layout of ``S`` is the operand layout
+of ``P``, as in FlashAttention-2).
 
 Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout, column
 ``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
-values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The Triton kernel takes
-everything else, and the tail of every sequence here (blocks with a residual side), as one more partial
-result.
+values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The
+Triton kernel takes everything else, and the tail of every sequence here (blocks with a residual
+side), as one more partial result.
 """
 
 from __future__ import annotations
@@ -403,8 +404,8 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
         return "takes one query token per head, with contiguous channels"
     dense_rows = {
         "key codes": (key.codes, HEAD_DIM), "key scales": (key.scales, HEAD_DIM), "key mins": (key.mins, HEAD_DIM),
-        "value codes": (value.codes, HEAD_DIM * value_bits // 8), "value scales": (value.scales, HEAD_DIM // GROUP_SIZE),
-        "value mins": (value.mins, HEAD_DIM // GROUP_SIZE),
+        "value codes": (value.codes, HEAD_DIM * value_bits // 8),
+        "value scales": (value.scales, HEAD_DIM // GROUP_SIZE), "value mins": (value.mins, HEAD_DIM // GROUP_SIZE),
     }  # fmt: skip
     for name, (tensor, row) in dense_rows.items():
         if tensor.stride(-1) != 1 or tensor.stride(-2) != row or tensor.data_ptr() % 16:
