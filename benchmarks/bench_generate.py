@@ -14,8 +14,9 @@ prompt included, after a warm-up call of the same workload: it compiles the grap
 sequence length's one-time costs (kernel variants, plans, library heuristics) out of the timed call,
 for every method. A shorter ``--warmup-new`` leaves them in (on the H200, fp16's median step at
 batch 1 was 60.3 ms after a 4-token warm-up in one run, 33.6 ms after a full one in another). The
-median and slowest decode steps are reported too, and on CUDA the allocator's cudaMalloc calls and
-its retries after freeing its cache, during the timed call. Prints a tabulate table with the ratio
+median and slowest decode steps are reported too, Python's full garbage collections (count and
+longest) and, on CUDA, the allocator's cudaMalloc calls and its retries after freeing its cache,
+during the timed call. Prints a tabulate table with the ratio
 to the fp16 baseline at the same batch size and at each method's best batch, and writes JSON + a
 PNG plot (throughput and peak memory against batch size) to ``--out``.
 
@@ -27,6 +28,7 @@ PNG plot (throughput and peak memory against batch size) to ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -131,11 +133,37 @@ def allocator_counts(device: str) -> Counter:
     return Counter(device_allocs=stats.get("num_device_alloc", 0), alloc_retries=stats.get("num_alloc_retries", 0))
 
 
+class FullCollections:
+    """Python's full (generation 2) garbage collections while open, and the longest: a candidate for
+    a slow step once the heap holds the compiled graphs' many objects."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.longest_ms = 0.0
+        self._started = 0.0
+
+    def _observe(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self.count += 1
+            self.longest_ms = max(self.longest_ms, (time.perf_counter() - self._started) * 1e3)
+
+    def __enter__(self) -> FullCollections:
+        gc.callbacks.append(self._observe)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        gc.callbacks.remove(self._observe)
+
+
 def run_once(
     method: Method, batch: int, prompt_len: int, new_tokens: int, device: str
-) -> tuple[float, int, list[float], Counter]:
-    """(seconds, peak bytes, decode step milliseconds, allocator counts) of one ``generate`` of
-    ``new_tokens`` for ``batch`` prompts."""
+) -> tuple[float, int, list[float], dict]:
+    """(seconds, peak bytes, decode step milliseconds, allocator and garbage-collector counts) of one
+    ``generate`` of ``new_tokens`` for ``batch`` prompts."""
     prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -144,16 +172,18 @@ def run_once(
     synchronize(device)
     allocator_before = allocator_counts(device)
     start = time.perf_counter()
-    method.model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-        do_sample=False, pad_token_id=0, streamer=steps, **method.generate_kwargs(),
-    )  # fmt: skip
-    synchronize(device)
+    with FullCollections() as collections:
+        method.model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+            do_sample=False, pad_token_id=0, streamer=steps, **method.generate_kwargs(),
+        )  # fmt: skip
+        synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
     allocator = allocator_counts(device)
     allocator.subtract(allocator_before)
-    return seconds, peak, steps.decode_step_ms(), allocator
+    events = dict(allocator, full_gcs=collections.count, longest_full_gc_ms=collections.longest_ms)
+    return seconds, peak, steps.decode_step_ms(), events
 
 
 def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
@@ -163,7 +193,7 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
                 run_once(method, batch, args.prompt, args.warmup_new, args.device)  # compiles the graphs
-                seconds, peak, step_ms, allocator = run_once(method, batch, args.prompt, args.new, args.device)
+                seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device)
             except torch.OutOfMemoryError:
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
                 yield dict(method=method.name, batch=batch, oom=True)
@@ -172,11 +202,11 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
             row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
                        tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs,
                        median_step_ms=statistics.median(step_ms), slowest_step_ms=max(step_ms),
-                       slowest_step=step_ms.index(max(step_ms)) + 1, **allocator)  # fmt: skip
+                       slowest_step=step_ms.index(max(step_ms)) + 1, **events)  # fmt: skip
             print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
                   f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}, decode step median "
                   f"{row['median_step_ms']:.1f} ms, slowest {row['slowest_step_ms']:.1f} ms "
-                  f"(step {row['slowest_step']}), allocator {dict(allocator)}", flush=True)  # fmt: skip
+                  f"(step {row['slowest_step']}), {events}", flush=True)  # fmt: skip
             yield row
 
 
