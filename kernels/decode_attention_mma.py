@@ -153,13 +153,9 @@ def _dequantized(words, scale_lo, scale_hi, min_lo, min_hi, BITS: gl.constexpr):
     and ``26 - BITS`` up) as ``[..., 2]`` fp16 (low half first), with 2^BITS x the scales and the mins of
     each half. Each pair of scales (and mins) goes into one register inside the asm, so ptxas keeps the
     halves paired as the tensor cores read them."""
-    operands = [words, scale_lo, scale_hi, min_lo, min_hi]
-    if BITS == 2:
-        lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR_2, "=h,=h,r,h,h,h,h", operands,
-                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
-    else:
-        lo, hi = gl.inline_asm_elementwise(DEQUANTIZE_PAIR_4, "=h,=h,r,h,h,h,h", operands,
-                                           dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
+    asm: gl.constexpr = DEQUANTIZE_PAIR_2 if BITS == 2 else DEQUANTIZE_PAIR_4
+    lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,h,h,h,h", [words, scale_lo, scale_hi, min_lo, min_hi],
+                                       dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
     return gl.join(lo, hi)
 
 
