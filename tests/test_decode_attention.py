@@ -288,6 +288,27 @@ def test_gluon_blocks_take_keys_and_values_of_different_bits(key_bits, value_bit
     check(q, key, value, spec_k, spec_v)
 
 
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("bits", [2, 4])
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
+def test_every_tail_tile_matches_float64(q_heads, kv_heads, bits, monkeypatch):
+    """Each tile the tail may be tuned to, compiled for this GPU, as the only one."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    spec_k, spec_v = CacheSpec(True, bits, 32, 128), CacheSpec(False, bits, 32, 128)
+    outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
+    key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, 1000, [1] * 37, scale=outliers)
+    value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, 1000, [1] * 37)
+    q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
+    tail_tiles = [tile for tile in decode_attention._configs() if 32 % tile.kwargs["BLOCK_N"] == 0]
+    assert len(tail_tiles) > 1
+    for tile in tail_tiles:
+        monkeypatch.setattr(decode_attention, "_configs", lambda: [tile])
+        monkeypatch.setattr(decode_attention, "_TUNED_TAIL_TILES", {})
+        check(q, key, value, spec_k, spec_v)
+        assert list(decode_attention._TUNED_TAIL_TILES.values()) == [tile]
+
+
 def left_padding_mask(padding: list[int], seq_len: int, kind: str, dtype: torch.dtype, heads: int) -> torch.Tensor:
     """Row ``b`` hides its first ``padding[b]`` tokens: boolean ``[B, 1, 1, T]``, or additive
     ``[B, heads, 1, T]`` with random biases on the visible tokens, different for each head, so that
@@ -344,49 +365,100 @@ def test_the_gluon_kernel_needs_a_cuda_gpu():
     assert "CUDA" in decode_attention.mma_path_unsupported(q, key, key, False, 2, 2, 32)
 
 
-@pytest.mark.parametrize(("mask_kind", "bits"), [(None, 2), ("bool", 2), ("additive", 2), ("bool", 4)])
-def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, bits, monkeypatch):
-    """The Gluon kernel's contract, played by PyTorch (partial 0 of each KV head holds its blocks
-    quantized on both sides, rounded down to 32 tokens; the other splits are empty), so that the
-    Triton kernel's tail launch and the combine around it run here, on the interpreter. The tail starts at
-    token 96, an odd multiple of 32, and takes a block whose keys are quantized and values are not. With a
-    mask, row 1's padding hides every quantized block: its partial sees no token (maximum ``-inf``)."""
-    spec_k, spec_v = CacheSpec(True, bits, 8, 32), CacheSpec(False, bits, 8, 32)
-    key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
-    value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
-    q = torch.randn(2, 4, 1, 32, device=DEVICE)
-    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
+def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, capacity, splits, num_partials,
+                   acc, row_max, row_sum):  # fmt: skip
+    """The Gluon kernel's contract, played by PyTorch for caches of 2 batch rows, 2 KV heads, D = 32 and
+    G = 8: partial 0 of each KV head holds its blocks quantized on both sides, rounded down to 32 tokens;
+    the other splits are empty."""
+    n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
+    keys = dequantize_cache_ref(key, key_bits, 8, per_channel=True)[:, :, :n_quant]
+    values = dequantize_cache_ref(value, value_bits, 8, per_channel=False)[:, :, :n_quant]
+    rows = q.shape[1] // keys.shape[1]
+    scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
+    if mask_kind:
+        block_mask = mask[..., :n_quant].reshape(scores.shape)
+        if mask_kind == 1:
+            scores = scores.masked_fill(block_mask == 0, float("-inf"))
+        else:
+            scores = scores + block_mask.float() * decode_attention.LOG2E
+    top = scores.amax(-1)
+    probs = torch.exp2(scores - top.clamp_min(torch.finfo(torch.float32).min)[..., None])
+    row_max.fill_(float("-inf"))
+    row_sum.zero_()
+    acc.zero_()
+    first_split = torch.arange(4, device=q.device) * num_partials * 16  # partial 0 of each KV head
+    index = (first_split[:, None] + torch.arange(rows, device=q.device)).flatten()
+    row_max[index], row_sum[index] = top.flatten(), probs.sum(-1).flatten()
+    acc[index] = (probs @ values).reshape(-1, 32)
 
-    def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, capacity, splits, num_partials,
-                       acc, row_max, row_sum):  # fmt: skip
-        n_quant = min(int(key.lengths[0]), int(value.lengths[0])) // 32 * 32
-        keys = dequantize_cache_ref(key, key_bits, 8, per_channel=True)[:, :, :n_quant]
-        values = dequantize_cache_ref(value, value_bits, 8, per_channel=False)[:, :, :n_quant]
-        rows = q.shape[1] // keys.shape[1]
-        scores = q.float().view(2, 2, rows, 32) @ keys.transpose(-1, -2) * qk_scale  # log2 units
-        if mask_kind:
-            block_mask = mask[..., :n_quant].reshape(scores.shape)
-            if mask_kind == 1:
-                scores = scores.masked_fill(block_mask == 0, float("-inf"))
-            else:
-                scores = scores + block_mask.float() * decode_attention.LOG2E
-        top = scores.amax(-1)
-        probs = torch.exp2(scores - top.clamp_min(torch.finfo(torch.float32).min)[..., None])
-        row_max.fill_(float("-inf"))
-        row_sum.zero_()
-        acc.zero_()
-        first_split = torch.arange(4, device=q.device) * num_partials * 16  # partial 0 of each KV head
-        index = (first_split[:, None] + torch.arange(rows, device=q.device)).flatten()
-        row_max[index], row_sum[index] = top.flatten(), probs.sum(-1).flatten()
-        acc[index] = (probs @ values).reshape(-1, 32)
 
+def use_gluon_stand_in(monkeypatch) -> None:
+    """Every decode-attention call takes the Gluon path, with :func:`gluon_stand_in` as the Gluon kernel."""
     stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
                                      quantized_capacity=decode_attention_mma.quantized_capacity,
                                      num_splits=decode_attention_mma.num_splits)  # fmt: skip
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+
+
+def gluon_path_caches(bits: int) -> tuple[CacheSpec, CacheSpec, QuantizedKV, QuantizedKV]:
+    """Key and value caches of 130 tokens (+ 5 appended) for :func:`gluon_stand_in`, with their specs."""
+    spec_k, spec_v = CacheSpec(True, bits, 8, 32), CacheSpec(False, bits, 8, 32)
+    key = filled_cache(spec_k, 2, 2, 32, torch.float32, 130, [1] * 5)
+    value = filled_cache(spec_v, 2, 2, 32, torch.float32, 130, [1] * 5)
+    return spec_k, spec_v, key, value
+
+
+@pytest.mark.parametrize(("mask_kind", "bits"), [(None, 2), ("bool", 2), ("additive", 2), ("bool", 4)])
+def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, bits, monkeypatch):
+    """The Triton kernel's tail launch and the combine around the Gluon kernel's partials (played by
+    PyTorch, :func:`gluon_stand_in`) run here, on the interpreter. The tail starts at token 96, an odd
+    multiple of 32, and takes a block whose keys are quantized and values are not. With a mask, row 1's
+    padding hides every quantized block: its partial sees no token (maximum ``-inf``)."""
+    spec_k, spec_v, key, value = gluon_path_caches(bits)
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
+    use_gluon_stand_in(monkeypatch)
     check(q, key, value, spec_k, spec_v, mask=mask)
+
+
+def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
+    """The tail's tile is timed once per tuning key among the tiles that divide the Gluon kernel's
+    32-token blocks (the 64-token tile never runs): a tile whose output differs from the first tile's
+    (simulated: its accumulators shifted) is left out with a warning, and the fastest of the rest is kept."""
+    tiles = [triton.Config({"BLOCK_N": n}, num_warps=w) for n, w in ((16, 4), (32, 4), (32, 2), (64, 4))]
+    monkeypatch.setattr(decode_attention, "_configs", lambda: tiles)
+    monkeypatch.setattr(decode_attention, "_TUNED_TAIL_TILES", {})
+    use_gluon_stand_in(monkeypatch)
+    kernel = decode_attention._decode_attention_kernel
+    parameters = list(inspect.signature(kernel.fn).parameters)
+    acc_index, partials_index = parameters.index("acc_ptr"), parameters.index("num_splits")
+    launched: list[tuple[int, int]] = []
+
+    class MiscompiledWideTile:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                kernel[grid](*args, **constexprs)
+                launched.append((constexprs["BLOCK_N"], constexprs["num_warps"]))
+                if launched[-1] == (32, 4):  # the tail's partials (the last of each KV head's) go wrong
+                    args[acc_index].view(4, args[partials_index], 16, 32)[:, -1] -= 1.0
+
+            return launch
+
+    milliseconds = {(16, 4): 2.0, (32, 4): 1.0, (32, 2): 1.5}
+    monkeypatch.setattr(decode_attention, "_decode_attention_kernel", MiscompiledWideTile())
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
+    spec_k, spec_v, key, value = gluon_path_caches(2)
+    q = torch.randn(2, 4, 1, 32, device=DEVICE)
+    with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
+        for _ in range(2):
+            check(q, key, value, spec_k, spec_v)
+    assert list(decode_attention._TUNED_TAIL_TILES.values()) == [tiles[2]]
+    assert set(launched) == {(16, 4), (32, 4), (32, 2)} and launched[-1] == (32, 2)
+    assert launched.count((32, 4)) == 1  # tuned once: the second call launches the kept tile directly
+    warnings = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert len(warnings) == 1 and f"tail tile {tiles[1]} left out" in warnings[0]
 
 
 def test_the_tail_refuses_tiles_longer_than_the_gluon_blocks():
