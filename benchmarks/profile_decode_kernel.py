@@ -14,6 +14,12 @@ profiles exactly those launches:
 ``opcodes`` reads the SASS page and prints, for each profiled launch, the instructions its hottest
 loop executes per warp and per pass, by opcode, with the warp-stall samples they drew: which work
 the issue slots go to (unpacking, register moves, shared-memory staging, tensor-core math).
+
+``loads`` reads the same page (collected with ``--import-source yes``, which keeps the per-instruction
+memory counters) and prints, for each launch, its global memory instructions grouped by opcode and
+by how often they ran (a loop's instructions run together): the L2 sectors they requested, the share
+of those beyond what their bytes need (``excessive``: a warp touching more sectors than its data
+fills), and the stall samples they drew. Which loads waste the load path's bandwidth.
 """
 
 from __future__ import annotations
@@ -108,6 +114,28 @@ def opcodes(args: argparse.Namespace) -> None:
         print(tabulate(table, headers=["opcode", "per warp and pass", "stall samples"], tablefmt="github"))
 
 
+def loads(args: argparse.Namespace) -> None:
+    for index, rows in enumerate(_kernels(args.sass_csv)):
+        sectors, excessive, count, samples = Counter(), Counter(), Counter(), Counter()
+        for row in rows:
+            if not _count(row, "L2 Theoretical Sectors Global"):
+                continue
+            words = row["Source"].split()
+            group = (words[1] if words[0].startswith("@") else words[0], _count(row, "Instructions Executed"))
+            sectors[group] += _count(row, "L2 Theoretical Sectors Global")
+            excessive[group] += _count(row, "L2 Theoretical Sectors Global Excessive")
+            count[group] += 1
+            samples[group] += _count(row, "Warp Stall Sampling (All Samples)")
+        total, wasted = sum(sectors.values()), sum(excessive.values())
+        print(f"launch {index + 1}: {total:,} global sectors requested, {wasted / total:.0%} excessive")
+        table = [(opcode, runs, count[(opcode, runs)], f"{sectors[(opcode, runs)]:,}",
+                  f"{excessive[(opcode, runs)] / sectors[(opcode, runs)]:.0%}",
+                  f"{excessive[(opcode, runs)] / max(wasted, 1):.0%}", samples[(opcode, runs)])
+                 for opcode, runs in sorted(sectors, key=lambda group: -excessive[group])]  # fmt: skip
+        print(tabulate(table, headers=["opcode", "runs", "instructions", "sectors", "excessive", "of all excess",
+                                       "stall samples"], tablefmt="github"))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -122,8 +150,10 @@ def main() -> None:
     summary = commands.add_parser("opcodes", help="instructions of each launch's hottest loop, by opcode")
     summary.add_argument("sass_csv")
     summary.add_argument("--top", type=int, default=16)
+    sectors = commands.add_parser("loads", help="global memory instructions of each launch: sectors, excess")
+    sectors.add_argument("sass_csv")
     args = parser.parse_args()
-    run(args) if args.command == "run" else opcodes(args)
+    {"run": run, "opcodes": opcodes, "loads": loads}[args.command](args)
 
 
 if __name__ == "__main__":
