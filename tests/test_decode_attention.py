@@ -436,7 +436,7 @@ def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
     acc_index, partials_index = parameters.index("acc_ptr"), parameters.index("num_splits")
     launched: list[tuple[int, int]] = []
 
-    class MiscompiledWideTile:
+    class MiscompiledTile:
         def __getitem__(self, grid):
             def launch(*args, **constexprs):
                 kernel[grid](*args, **constexprs)
@@ -447,7 +447,7 @@ def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
             return launch
 
     milliseconds = {(16, 4): 2.0, (32, 4): 1.0, (32, 2): 1.5}
-    monkeypatch.setattr(decode_attention, "_decode_attention_kernel", MiscompiledWideTile())
+    monkeypatch.setattr(decode_attention, "_decode_attention_kernel", MiscompiledTile())
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
     spec_k, spec_v, key, value = gluon_path_caches(2)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
