@@ -652,7 +652,7 @@ def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: to
     median = torch.stack(list(one_per_tile.values())).median(dim=0).values
     agreeing = []
     for plan, result in results.items():
-        disagreement = ((result - median).norm() / median.norm().clamp_min(1e-30)).item()
+        disagreement = _relative_difference(result, median)
         if disagreement <= TILE_DISAGREEMENT:
             agreeing.append(plan)
         else:
@@ -661,6 +661,11 @@ def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: to
     if not agreeing:
         raise RuntimeError("Triton KIVI decode attention: the plans' results disagree; no plan is trusted")
     return agreeing
+
+
+def _relative_difference(result: torch.Tensor, reference: torch.Tensor) -> float:
+    """``|result - reference| / |reference|`` (Frobenius norms), how two tiles' outputs are compared."""
+    return ((result - reference).norm() / reference.norm().clamp_min(1e-30)).item()
 
 
 def decode_attention_triton(
@@ -831,10 +836,15 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
 _TUNED_TAIL_TILES: dict[tuple, triton.Config] = {}
 
 
+def _tail_tiles() -> list[triton.Config]:
+    """The tiles the tail may take: those whose tokens divide the Gluon kernel's blocks."""
+    return [tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0]
+
+
 def _fastest_tail_tile(tail_and_combine: Callable[[triton.Config], None], out: torch.Tensor) -> triton.Config:
-    """The fastest of the tiles that fit the Gluon kernel's blocks, among those whose output agrees with
-    the first tile's (the tail's only tile until the eleventh session, tested at every GPU shape)."""
-    first, *others = (tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0)
+    """The fastest of :func:`_tail_tiles`, among those whose output agrees with the first one's (the
+    tail's only tile until the eleventh session, tested at every GPU shape)."""
+    first, *others = _tail_tiles()
     tail_and_combine(first)
     expected = out.to(torch.float32, copy=True)
     candidates = [first]
@@ -843,7 +853,7 @@ def _fastest_tail_tile(tail_and_combine: Callable[[triton.Config], None], out: t
             tail_and_combine(tile)
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # a tile this GPU cannot hold
             continue
-        disagreement = ((out.float() - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+        disagreement = _relative_difference(out.float(), expected)
         if disagreement <= TILE_DISAGREEMENT:
             candidates.append(tile)
         else:

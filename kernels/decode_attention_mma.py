@@ -48,6 +48,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .cache_layout import N_QUANT, QuantizedKV
+from .quantize import codes_per_byte
 
 BLOCK = gl.constexpr(32)  # tokens per block: one key group
 _N_QUANT = gl.constexpr(N_QUANT)
@@ -413,7 +414,7 @@ def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits:
 
 def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> int:
     """The most tokens the buffers can hold quantized on both sides (their count is on the device)."""
-    return min(key.codes.shape[-2] * (8 // key_bits), value.codes.shape[-2])
+    return min(key.codes.shape[-2] * codes_per_byte(key_bits), value.codes.shape[-2])
 
 
 def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
