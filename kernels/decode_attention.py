@@ -199,10 +199,12 @@ def _block_token_order(BLOCK_N: tl.constexpr, KEY_LANES: tl.constexpr):
 
 
 @triton.jit
-def _value_channel_order(HEAD_DIM: tl.constexpr, VALUE_LANES: tl.constexpr):
+def _value_channel_order(HEAD_DIM: tl.constexpr, VALUE_LANES: tl.constexpr, LANE_MAJOR: tl.constexpr):
     """Value channel at each column of a value tile and of the accumulator: lane-major,
-    ``column = lane * (D / Pv) + byte``, the order the value lanes come out in."""
+    ``column = lane * (D / Pv) + byte``, the order the value lanes come out in, or the channels' own."""
     columns = tl.arange(0, HEAD_DIM)
+    if not LANE_MAJOR:
+        return columns
     return (columns % (HEAD_DIM // VALUE_LANES)) * VALUE_LANES + columns // (HEAD_DIM // VALUE_LANES)
 
 
@@ -259,10 +261,12 @@ def _load_values(codes_ptr, scales_ptr, mins_ptr, stride_ct, stride_cd, stride_s
 
 
 @triton.jit
-def _lane_major_values(codes, scale, offset, BITS: tl.constexpr, HEAD_DIM: tl.constexpr):
+def _dequantize_values(codes, scale, offset, BITS: tl.constexpr, HEAD_DIM: tl.constexpr, LANE_MAJOR: tl.constexpr):
     """Values ``[tokens, D]`` from :func:`_load_values`' tiles, columns in :func:`_value_channel_order`."""
     values = _dequantize_lanes(codes, scale, offset, BITS)  # [tokens, D / P, P]
-    return tl.reshape(tl.permute(values, (0, 2, 1)), (codes.shape[0], HEAD_DIM))
+    if LANE_MAJOR:
+        values = tl.permute(values, (0, 2, 1))
+    return tl.reshape(values, (codes.shape[0], HEAD_DIM))
 
 
 @triton.jit
@@ -276,11 +280,11 @@ def _block_keys(key_codes, key_scale, key_min, K_BITS: tl.constexpr, BLOCK_N: tl
 @triton.jit
 def _dequantize_block(key_codes, key_scale, key_min, value_codes, value_scale, value_min,
                       K_BITS: tl.constexpr, V_BITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                      HEAD_DIM: tl.constexpr):  # fmt: skip
+                      HEAD_DIM: tl.constexpr, LANE_MAJOR: tl.constexpr):  # fmt: skip
     """Keys and values ``[BLOCK_N, D]`` from :func:`_load_quantized_block`'s tiles: :func:`_block_keys`,
     and values with channels in :func:`_value_channel_order`."""
     return (_block_keys(key_codes, key_scale, key_min, K_BITS, BLOCK_N, HEAD_DIM),
-            _lane_major_values(value_codes, value_scale, value_min, V_BITS, HEAD_DIM))  # fmt: skip
+            _dequantize_values(value_codes, value_scale, value_min, V_BITS, HEAD_DIM, LANE_MAJOR))  # fmt: skip
 
 
 @triton.jit
@@ -315,10 +319,15 @@ def _ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, 
 
 
 @triton.jit
-def _lane_major_ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, valid,
-                          LANES: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
-    """:func:`_ring_rows` of all channels, columns in :func:`_value_channel_order`: loaded as
-    ``[tokens, D / P, P]`` (adjacent channels last, so the loads stay vectorized), permuted in registers."""
+def _value_ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity, valid,
+                     LANES: tl.constexpr, HEAD_DIM: tl.constexpr, LANE_MAJOR: tl.constexpr):  # fmt: skip
+    """:func:`_ring_rows` of all channels, columns in :func:`_value_channel_order`. Lane-major, they are
+    loaded as ``[tokens, D / P, P]`` (adjacent channels last, so the loads stay vectorized) and permuted in
+    registers; the compiler then gives each thread a row of its own, a quarter of each sector used (Nsight
+    Compute, H100, eleventh session)."""
+    if not LANE_MAJOR:
+        return _ring_rows(residual_ptr, stride_t, stride_d, tokens, first_residual, start, capacity,
+                          tl.arange(0, HEAD_DIM), valid)  # fmt: skip
     rows = _ring_row(tokens, first_residual, start, capacity)
     channels = tl.arange(0, HEAD_DIM // LANES)[:, None] * LANES + tl.arange(0, LANES)[None, :]
     offsets = rows[:, None, None] * stride_t + channels[None, :, :] * stride_d
@@ -416,7 +425,11 @@ def _decode_attention_kernel(
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     in_block = tl.arange(0, BLOCK_N)
     block_order = _block_token_order(BLOCK_N, 8 // K_BITS)
-    value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS)
+    # Lane-major value columns spare the quantized blocks a shuffle of their lanes but load ring rows badly
+    # (:func:`_value_ring_rows`): the whole sequence is mostly the former, the tail after the Gluon kernel's
+    # blocks mostly the latter.
+    VALUES_LANE_MAJOR: tl.constexpr = TAIL_BLOCK == 0
+    value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS, VALUES_LANE_MAJOR)
     if TAIL_BLOCK > 0:  # the blocks before are the Gluon kernel's (decode_attention_mma.py): the last partial
         # The loops below need the tail to start on a block of theirs (a 64-token tile after 32-token blocks
         # counts the tokens at the residual boundary twice).
@@ -446,7 +459,7 @@ def _decode_attention_kernel(
                                            block_start + BLOCK_N, block_start + BLOCK_N < quantized_end,
                                            channels, block_order,
                                            K_BITS, V_BITS, GROUP_SIZE, BLOCK_N, HEAD_DIM)  # fmt: skip
-        keys, values = _dequantize_block(*block, K_BITS, V_BITS, BLOCK_N, HEAD_DIM)
+        keys, values = _dequantize_block(*block, K_BITS, V_BITS, BLOCK_N, HEAD_DIM, VALUES_LANE_MAJOR)
         acc, row_max, row_sum = _attend(q, keys, values, block_start + block_order, all_valid, acc, row_max,
                                         row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
@@ -459,8 +472,8 @@ def _decode_attention_kernel(
         valid = tokens < last
         key_block = _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
                                          block_start, True, channels, K_BITS, GROUP_SIZE, BLOCK_N)  # fmt: skip
-        values = _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                                       valid, 8 // V_BITS, HEAD_DIM)  # fmt: skip
+        values = _value_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                                  valid, 8 // V_BITS, HEAD_DIM, VALUES_LANE_MAJOR)  # fmt: skip
         acc, row_max, row_sum = _attend(q, _block_keys(*key_block, K_BITS, BLOCK_N, HEAD_DIM), values, tokens, valid,
                                         acc, row_max, row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
@@ -480,11 +493,11 @@ def _decode_attention_kernel(
         v_is_quantized = tokens < v_quantized
         values = tl.where(
             v_is_quantized[:, None],
-            _lane_major_values(*_load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
+            _dequantize_values(*_load_values(vc_ptr, vs_ptr, vm_ptr, stride_vct, stride_vcd, stride_vst, stride_vsd,
                                              tokens, (valid & v_is_quantized)[:, None], V_BITS, GROUP_SIZE, HEAD_DIM),
-                               V_BITS, HEAD_DIM),
-            _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                                  valid & ~v_is_quantized, 8 // V_BITS, HEAD_DIM),
+                               V_BITS, HEAD_DIM, VALUES_LANE_MAJOR),
+            _value_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                             valid & ~v_is_quantized, 8 // V_BITS, HEAD_DIM, VALUES_LANE_MAJOR),
         )  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
@@ -493,8 +506,8 @@ def _decode_attention_kernel(
         tokens = block_start + in_block
         valid = tokens < last
         keys = _ring_rows(kr_ptr, stride_krt, stride_krd, tokens, k_quantized, k_start, k_capacity, channels, valid)
-        values = _lane_major_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
-                                       valid, 8 // V_BITS, HEAD_DIM)  # fmt: skip
+        values = _value_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
+                                  valid, 8 // V_BITS, HEAD_DIM, VALUES_LANE_MAJOR)  # fmt: skip
         acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
                                         mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
