@@ -846,6 +846,7 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
 
 # The tail's tile for each tuning key. On the H100 (eleventh session), 32 tokens on 2 warps took 9-13% less
 # time than on 4 warps at B = 192 to 512, T = 340 to 372 (6k-16k programs), and 13-157% more with 256 programs.
+# Two pipeline stages made every tail tile slower there (twelfth session: 30-52% at B = 192 to 512).
 _TUNED_TAIL_TILES: dict[tuple, triton.Config] = {}
 
 
