@@ -1,14 +1,18 @@
 """Fused KIVI decode attention vs fp16 SDPA on the GPU, and the cost of quantize-on-append.
 
 For each shape (batch B, query heads H, KV heads Hkv, head dim D, cached tokens T, bits, group G;
-residual R = 128, one query token) the same run times, as medians of ``triton.testing.do_bench``:
+residual R = 128, one query token) the same run times, as medians of ``triton.testing.do_bench``
+(each call launched from Python, as a caller without CUDA graphs sees it):
 
 - ``sdpa``:   ``F.scaled_dot_product_attention`` over the fp16 K/V (``enable_gqa`` for GQA), the baseline;
 - ``ref``:    the PyTorch reference op (dequantize everything, then attend), for T <= --ref-max-tokens;
 - ``kernel``: what the op runs on CUDA: for the shapes it is written for (float16, D = 128, 2-bit,
   G = 32), the Gluon kernel over the blocks quantized on both sides plus the Triton kernel over the
   rest; otherwise the fused Triton kernel alone (its tuned plan is named);
-- ``triton``: the fused Triton kernel alone over the whole cache, with its tuned plan.
+- ``triton``: the fused Triton kernel alone over the whole cache, with its tuned plan;
+- ``gpu`` columns: SDPA and ``kernel`` again, replayed from a CUDA graph (``do_bench_cudagraph``): the
+  GPU's time alone. Where a call's kernels take less time than the host needs to launch them (small
+  B*T), ``do_bench`` times the host; the two columns tell the cases apart.
 
 GB/s is over the bytes each must read (fp16 K/V for SDPA; codes, scales, minima and residual for
 KIVI); ``of copy`` compares with a device-to-device copy measured in the same run. The append
@@ -24,14 +28,14 @@ import contextlib
 import csv
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton
 from tabulate import tabulate
-from triton.testing import do_bench
+from triton.testing import do_bench, do_bench_cudagraph
 
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
@@ -54,11 +58,21 @@ SHAPES = [
 ]
 
 
+def median_ms(fn: Callable[[], object], **options) -> float:
+    """``do_bench``'s median; its default statistic is the mean."""
+    return do_bench(fn, return_mode="median", **options)
+
+
+def gpu_median_ms(fn: Callable[[], object]) -> float:
+    """Median GPU time of ``fn`` replayed from a CUDA graph: no host launch time in it."""
+    return do_bench_cudagraph(fn, return_mode="median")
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """GB/s of a device-to-device copy (bytes read + written over time)."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    ms = do_bench(lambda: dst.copy_(src))
+    ms = median_ms(lambda: dst.copy_(src))
     return 2 * nbytes / ms / 1e6
 
 
@@ -90,7 +104,11 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     q = torch.randn(batch, heads, 1, head_dim, device="cuda", dtype=torch.float16)
     keys = torch.randn(batch, kv_heads, seq_len, head_dim, device="cuda", dtype=torch.float16)
     values = torch.randn_like(keys)
-    sdpa_ms = do_bench(lambda: F.scaled_dot_product_attention(q, keys, values, enable_gqa=kv_heads != heads))
+
+    def sdpa() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, keys, values, enable_gqa=kv_heads != heads)
+
+    sdpa_ms, sdpa_gpu_ms = median_ms(sdpa), gpu_median_ms(sdpa)
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
@@ -98,22 +116,24 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     def attention() -> torch.Tensor:
         return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
 
-    kernel_ms = do_bench(attention)
+    kernel_ms = median_ms(attention)  # tunes first: the graph below replays the tuned launch
+    kernel_gpu_ms = gpu_median_ms(attention)
     gluon = decode_attention.uses_mma_path(q, key.kv, value.kv, False, bits, bits, group)
     with triton_kernel_only():
         decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
-        triton_ms = do_bench(attention)
+        triton_ms = median_ms(attention)
     (plan,) = decode_attention._TUNED_PLANS.values()
     ref_ms = None
     if seq_len <= ref_max_tokens:
-        ref_ms = do_bench(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
-                          warmup=5, rep=50)  # fmt: skip
+        ref_ms = median_ms(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
+                           warmup=5, rep=50)  # fmt: skip
     kivi_bytes = used_bytes(key) + used_bytes(value)
     return dict(B=batch, H=heads, Hkv=kv_heads, D=head_dim, T=seq_len, bits=bits, G=group,
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, kernel_ms=kernel_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, kernel_gbps=kivi_bytes / kernel_ms / 1e6,
                 kernel="gluon + triton tail" if gluon else f"triton {plan}", triton_plan=str(plan),
-                bytes_ratio=sdpa_bytes / kivi_bytes, speedup=sdpa_ms / kernel_ms)  # fmt: skip
+                bytes_ratio=sdpa_bytes / kivi_bytes, speedup=sdpa_ms / kernel_ms, sdpa_gpu_ms=sdpa_gpu_ms,
+                kernel_gpu_ms=kernel_gpu_ms, speedup_gpu=sdpa_gpu_ms / kernel_gpu_ms)  # fmt: skip
 
 
 def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32, layers=32) -> dict:
@@ -150,12 +170,12 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
             reset()
             launch_append_kv(key.kv, value.kv, new, new, bits, bits, group, RESIDUAL, key.spec.per_channel)
 
-        return do_bench(step) - do_bench(reset)
+        return median_ms(step) - median_ms(reset)
 
     typical_ms, flush_ms = timed_step("typical"), timed_step("key flush")
     key.lengths.copy_(prefilled["keys"])
     value.lengths.copy_(prefilled["values"])
-    attention_ms = do_bench(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
+    attention_ms = median_ms(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
     amortized_ms = typical_ms + (flush_ms - typical_ms) / RESIDUAL
     return dict(B=batch, H=heads, D=head_dim, T=seq_len, bits=bits, layers=layers,
                 append_ms_typical=layers * typical_ms, append_ms_key_flush=layers * flush_ms,
@@ -199,10 +219,13 @@ def main() -> None:
         row = bench_shape(*shape, args.ref_max_tokens)
         row["of_copy"] = row["kernel_gbps"] / copy_gbps
         print(f"{shape}: sdpa {row['sdpa_ms']:.3f} ms, kernel {row['kernel_ms']:.3f} ms ({row['kernel']}), "
-              f"triton alone {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}", flush=True)  # fmt: skip
+              f"triton alone {row['triton_ms']:.3f} ms, x{row['speedup']:.2f}; GPU alone: sdpa "
+              f"{row['sdpa_gpu_ms']:.3f} ms, kernel {row['kernel_gpu_ms']:.3f} ms, x{row['speedup_gpu']:.2f}",
+              flush=True)  # fmt: skip
         rows.append(row)
     headers = ["B", "H", "Hkv", "D", "T", "bits", "G", "sdpa_ms", "ref_ms", "kernel_ms", "triton_ms", "sdpa_gbps",
-               "kernel_gbps", "of_copy", "kernel", "bytes_ratio", "speedup"]  # fmt: skip
+               "kernel_gbps", "of_copy", "kernel", "bytes_ratio", "speedup", "sdpa_gpu_ms", "kernel_gpu_ms",
+               "speedup_gpu"]  # fmt: skip
     print(tabulate([[r[h] for h in headers] for r in rows], headers=headers, floatfmt=".3f"))
     append = bench_append()
     print(tabulate([append.values()], headers=list(append), floatfmt=".4f"))

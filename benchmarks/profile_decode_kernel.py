@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> None:
 
     for plan in plans:
         launch_only(plan)  # leaves ``plan`` tuned for these inputs
-        print(f"plan {plan}: {triton.testing.do_bench(launch):.3f} ms", flush=True)
+        print(f"plan {plan}: {triton.testing.do_bench(launch, return_mode='median'):.3f} ms", flush=True)
     torch.cuda.synchronize()
     torch.cuda.cudart().cudaProfilerStart()
     for plan in plans:

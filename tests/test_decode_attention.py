@@ -189,12 +189,14 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
 
             return launch
 
-    milliseconds = {16: 2.0, 32: 1.0, 64: 3.0}
+    milliseconds, statistics = {16: 2.0, 32: 1.0, 64: 3.0}, []
     monkeypatch.setattr(decode_attention, "_decode_attention_kernel", Miscompiled())
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: statistics.append(options) or fn() or
+                        milliseconds[launched[-1]])  # fmt: skip
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # tile 32: 8 and 9 splits
     out, expected, warnings = tuned_against_reference(caplog, kv_heads=2, prompt=1000)
     assert list(decode_attention._TUNED_PLANS.values()) == [plans[0]]
+    assert statistics and all(options == {"return_mode": "median"} for options in statistics)  # not the mean
     assert len(warnings) == 2 and all(f"plan {plan} left out" in w for plan, w in zip(plans[1:3], warnings))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -212,7 +214,7 @@ def test_plans_that_split_the_sequence_differently_agree(monkeypatch, caplog):
     monkeypatch.setattr(decode_attention, "_num_splits", lambda *args: splits.append(num_splits(*args)) or splits[-1])
     monkeypatch.setattr(decode_attention, "_agreeing_plans", lambda plans, *args: tried.extend(plans) or
                         agreeing_plans(plans, *args))  # fmt: skip
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or 1.0 / splits[-1])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: fn() or 1.0 / splits[-1])
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # up to 9 splits of a 1k cache
     out, expected, warnings = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
     assert not warnings and tried == plans[:2]  # 4 programs per multiprocessor already take all 9 splits
@@ -448,7 +450,7 @@ def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
 
     milliseconds = {(16, 4): 2.0, (32, 4): 1.0, (32, 2): 1.5}
     monkeypatch.setattr(decode_attention, "_decode_attention_kernel", MiscompiledTile())
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn: fn() or milliseconds[launched[-1]])
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: fn() or milliseconds[launched[-1]])
     spec_k, spec_v, key, value = gluon_path_caches(2)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
     with caplog.at_level(logging.WARNING, logger="kivi_compile.kernels"):
