@@ -813,7 +813,9 @@ class _Call(NamedTuple):
     @property
     def block_m(self) -> int:
         """Query rows a program holds: its KV head's ``g * n``, padded to a tensor-core tile."""
-        return max(16, triton.next_power_of_2(self.q.shape[2] * self.q.shape[1] // self.key.residual.shape[1]))
+        rows = self.q.shape[2] * self.q.shape[1] // self.key.residual.shape[1]
+        # Not triton.next_power_of_2: a ConstexprFunction, a few microseconds of host time per call.
+        return max(16, 1 << (rows - 1).bit_length())
 
 
 def _launch_plan(tile: triton.Config, num_splits: int, call: _Call, granules: int, out: torch.Tensor) -> None:

@@ -385,10 +385,16 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
                 group_size: int, is_causal: bool) -> str | None:  # fmt: skip
     """Why this kernel cannot take the quantized blocks of these inputs (None when it can)."""
-    _, q_heads, q_len, head_dim = q.shape
-    rows = q_len * q_heads // key.residual.shape[1]
     if not q.is_cuda or _capability(q.device) < (8, 0):
         return "needs a CUDA GPU with mma.sync (compute capability 8.0 or newer)"
+    return inputs_unsupported(q, key, value, key_bits, value_bits, group_size, is_causal)
+
+
+def inputs_unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
+                       group_size: int, is_causal: bool) -> str | None:  # fmt: skip
+    """:func:`unsupported` less the GPU's: why the inputs are not what this kernel is written for."""
+    _, q_heads, q_len, head_dim = q.shape
+    rows = q_len * q_heads // key.residual.shape[1]
     if (q.dtype, head_dim, group_size) != (torch.float16, HEAD_DIM, GROUP_SIZE) or not {key_bits, value_bits} <= set(
         SUPPORTED_BITS
     ):

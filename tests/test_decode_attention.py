@@ -343,20 +343,29 @@ def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, bits, mon
     check(q, key, value, spec_k, spec_v, mask=mask)
 
 
-@pytest.mark.gpu
-@on_gpu
 def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
     spec = CacheSpec(True, 2, 32, 32)
     key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
     q = torch.randn(1, 2, 1, 128, device=DEVICE).half()
-    unsupported = decode_attention.mma_path_unsupported
-    assert "float16" in unsupported(q.bfloat16(), key, key, False, 2, 2, 32)
-    assert "2- or 4-bit" in unsupported(q, key, key, False, 8, 2, 32)
-    assert "2- or 4-bit" in unsupported(q, key, key, False, 2, 3, 32)
-    assert "is_causal" in unsupported(q, key, key, True, 2, 2, 32)
-    assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, False, 2, 2, 32)
-    assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, False,
-                                            2, 2, 32)  # fmt: skip
+    unsupported = decode_attention_mma.inputs_unsupported  # every check but the GPU's, so it runs on CPU too
+    value = filled_cache(CacheSpec(False, 2, 32, 32), 1, 2, 128, torch.float16, 100, [])
+    assert unsupported(q, key, value, 2, 2, 32, False) is None
+    assert "float16" in unsupported(q.bfloat16(), key, key, 2, 2, 32, False)
+    assert "2- or 4-bit" in unsupported(q, key, key, 8, 2, 32, False)
+    assert "2- or 4-bit" in unsupported(q, key, key, 2, 3, 32, False)
+    assert "is_causal" in unsupported(q, key, key, 2, 2, 32, True)
+    assert "exceed 16" in unsupported(torch.randn(1, 64, 1, 128, device=DEVICE).half(), key, key, 2, 2, 32, False)
+    assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, 2, 2, 32,
+                                            False)  # fmt: skip
+    assert "dense rows" in unsupported(q, key._replace(codes=key.codes[..., 1:]), key, 2, 2, 32, False)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64])
+def test_a_programs_query_rows_pad_to_a_power_of_two_of_at_least_16(rows):
+    q = torch.randn(1, rows, 1, 8, device=DEVICE)
+    key = QuantizedKV(*(torch.empty(1, 1, 4, 8, device=DEVICE) for _ in range(4)), torch.zeros(4, dtype=torch.int32))
+    call = decode_attention._Call(q, key, key, None, 0, False, 1.0, 2, 2, 8)
+    assert call.block_m == max(16, triton.next_power_of_2(rows))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
