@@ -69,7 +69,7 @@ def microseconds_per_call(tokens: int, calls: int = 4000, repeats: int = 15) -> 
     out = torch.empty_like(q)
     path = "Gluon" if decode_attention.uses_mma_path(q, key, value, False, 2, 2, 32) else "Triton"
     runs = []
-    for repeat in range(repeats + 1):  # the first is a warm-up
+    for _ in range(repeats + 1):  # the first run is a warm-up
         start = time.perf_counter()
         for _ in range(calls):
             decode_attention.launch_decode_attention(q, key, value, None, None, False, 2, 2, 32, out)
