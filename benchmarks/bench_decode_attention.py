@@ -35,14 +35,14 @@ import torch
 import torch.nn.functional as F
 import triton
 from tabulate import tabulate
-from triton.testing import do_bench, do_bench_cudagraph
+from triton.testing import do_bench_cudagraph
 
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels.append import launch_append_kv
 from kivi_compile.kernels.cache_layout import read_lengths
 from kivi_compile.kernels import decode_attention
-from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton
+from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton, median_ms
 
 RESIDUAL = 128
 # (B, H, Hkv, D, T, bits, G): the issue's acceptance shapes first, then the trend in T and G.
@@ -56,11 +56,6 @@ SHAPES = [
     (8, 32, 32, 64, 32768, 2, 32),
     *[(batch, 32, 32, 128, 340, 2, 32) for batch in (1, 96, 192)],  # bench_generate's mid-run decode step
 ]
-
-
-def median_ms(fn: Callable[[], object], **options) -> float:
-    """``do_bench``'s median; its default statistic is the mean."""
-    return do_bench(fn, return_mode="median", **options)
 
 
 def gpu_median_ms(fn: Callable[[], object]) -> float:

@@ -640,12 +640,13 @@ def _fastest_plan(launch: Callable[[_Plan], None], splits: Callable[[_Plan], int
     if len(plans) == 1:
         return plans[0]
     plans = _agreeing_plans(plans, launch, out)
-    return min(plans, key=lambda plan: _median_ms(lambda: launch(plan)))
+    return min(plans, key=lambda plan: median_ms(lambda: launch(plan)))
 
 
-def _median_ms(launch: Callable[[], None]) -> float:
-    """``do_bench``'s median (its default is the mean, which one slow launch of the host drags up)."""
-    return triton.testing.do_bench(launch, return_mode="median")
+def median_ms(launch: Callable[[], object], **options) -> float:
+    """``do_bench``'s median (its default is the mean, which one slow launch of the host drags up); how the
+    tuners here and the benchmarks time a launch."""
+    return triton.testing.do_bench(launch, return_mode="median", **options)
 
 
 def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: torch.Tensor) -> list[_Plan]:
@@ -882,7 +883,7 @@ def _fastest_tail_tile(tail_and_combine: Callable[[triton.Config], None], out: t
                            "first tile's by %.2g (relative)", tile, disagreement)  # fmt: skip
     if len(candidates) == 1:
         return first
-    return min(candidates, key=lambda tile: _median_ms(lambda: tail_and_combine(tile)))
+    return min(candidates, key=lambda tile: median_ms(lambda: tail_and_combine(tile)))
 
 
 def _partial_buffers(call: _Call, num_partials: int) -> tuple[torch.Tensor, ...]:
