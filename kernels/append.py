@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .cache_layout import QuantizedKV, lengths_tensor, read_lengths, ring_positions, triton_layout_unsupported
+from .launch import launch_kernel
 from .quantize import quantize_pack_ref, tokens_per_code_row, tokens_per_scale_row
 
 
@@ -330,7 +331,8 @@ def launch_append(
     """:func:`append_triton` for inputs :func:`triton_append_unsupported` already accepted (the op
     checks them once)."""
     batch, heads, n_new, head_dim = new.shape
-    _append_kernel[(batch * heads,)](
+    launch_kernel(
+        _append_kernel, (batch * heads,),
         new, kv.residual, kv.codes, kv.scales, kv.mins, kv.lengths,
         *new.stride(), *kv.residual.stride(), *kv.codes.stride(), *kv.scales.stride(),
         heads, kv.residual.shape[-2], n_new,
@@ -369,7 +371,8 @@ def launch_append_kv(
     """Triton :func:`append_kv_ref` in one launch, for inputs :func:`triton_append_unsupported`
     already accepted on both sides (the op checks them)."""
     batch, heads, n_new, _ = new_key.shape
-    _append_kv_kernel[(batch * heads, 2)](
+    launch_kernel(
+        _append_kv_kernel, (batch * heads, 2),
         new_key, key.residual, key.codes, key.scales, key.mins, key.lengths,
         *new_key.stride(), *key.residual.stride(), *key.codes.stride(), *key.scales.stride(),
         new_value, value.residual, value.codes, value.scales, value.mins, value.lengths,

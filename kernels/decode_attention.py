@@ -40,6 +40,7 @@ from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from .cache_layout import QuantizedKV, dequantize_cache_ref, triton_layout_unsupported
+from .launch import launch_kernel
 from .quantize import codes_per_byte
 
 try:
@@ -913,7 +914,8 @@ def _launch_split_kernel(
     _, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
     mask_strides = (0, 0, 0, 0) if mask is None else mask.stride()
-    _decode_attention_kernel[(call.programs, grid_splits)](
+    launch_kernel(
+        _decode_attention_kernel, (call.programs, grid_splits),
         q, *q.stride(),
         key.codes, *key.codes.stride(), key.scales, key.mins, *key.scales.stride(),
         key.residual, *key.residual.stride(), key.lengths,
@@ -934,7 +936,8 @@ def _launch_combine(
 ) -> None:
     _, q_heads, q_len, head_dim = call.q.shape
     kv_heads = call.key.residual.shape[1]
-    _combine_splits_kernel[(call.programs,)](
+    launch_kernel(
+        _combine_splits_kernel, (call.programs,),
         acc, row_max, row_sum, out, *out.stride(), kv_heads, num_partials,
         Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim, BLOCK_M=call.block_m,
     )  # fmt: skip

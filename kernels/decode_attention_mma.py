@@ -48,6 +48,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .cache_layout import N_QUANT, QuantizedKV
+from .launch import launch_kernel
 from .quantize import codes_per_byte
 
 BLOCK = gl.constexpr(32)  # tokens per block: one key group
@@ -440,7 +441,8 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
     tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
     key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
     mask_strides = (0, 0, 0) if mask is None else (mask.stride(0), mask.stride(1), mask.stride(3))
-    _quantized_blocks_kernel[(batch * kv_heads, splits)](
+    launch_kernel(
+        _quantized_blocks_kernel, (batch * kv_heads, splits),
         q, q.stride(0), q.stride(1),
         key_words, key_words.stride(0), key_words.stride(1), key.scales, key.mins, *key.scales.stride()[:2],
         key.lengths,

@@ -24,7 +24,7 @@ from kivi_helpers import poisoned_cache, relative_error
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import append_ref, store_prefill_ref
 from kivi_compile.kernels.cache_layout import QuantizedKV, dequantize_cache_ref
-from kivi_compile.kernels import decode_attention, decode_attention_mma
+from kivi_compile.kernels import decode_attention, decode_attention_mma, launch
 from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -366,6 +366,46 @@ def test_a_programs_query_rows_pad_to_a_power_of_two_of_at_least_16(rows):
     key = QuantizedKV(*(torch.empty(1, 1, 4, 8, device=DEVICE) for _ in range(4)), torch.zeros(4, dtype=torch.int32))
     call = decode_attention._Call(q, key, key, None, 0, False, 1.0, 2, 2, 8)
     assert call.block_m == max(16, triton.next_power_of_2(rows))
+
+
+def counted_triton_launches(monkeypatch) -> dict[str, int]:
+    """Launches that go through ``JITFunction.run`` (Triton's own path), per kernel."""
+    counts = {}
+    kernels = {"gluon": decode_attention_mma._quantized_blocks_kernel, "split": decode_attention._decode_attention_kernel,
+               "combine": decode_attention._combine_splits_kernel}  # fmt: skip
+    for name, kernel in kernels.items():
+        counts[name] = 0
+
+        def counted(*args, _run=kernel.run, _name=name, **kwargs):
+            counts[_name] += 1
+            return _run(*args, **kwargs)
+
+        monkeypatch.setattr(kernel, "run", counted)
+    return counts
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_launches_after_the_first_go_straight_to_the_compiled_launcher(monkeypatch):
+    """The second call launches the Gluon kernel, the tail and the combine through their compiled
+    launchers (not ``JITFunction.run``) and answers exactly as the first; a mask is another
+    specialization (``MASK_KIND``), which goes through Triton once. No launch of earlier tests counts."""
+    monkeypatch.setattr(launch, "_COMPILED", {})
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    spec_k, spec_v = CacheSpec(True, 2, 32, 128), CacheSpec(False, 2, 32, 128)
+    key = filled_cache(spec_k, 3, 8, 128, torch.float16, 1000, [1] * 5)
+    value = filled_cache(spec_v, 3, 8, 128, torch.float16, 1000, [1] * 5)
+    q = torch.randn(3, 32, 1, 128, device=DEVICE).half()
+    first = decode_attention_triton(q, key, value, None, None, False, 2, 2, 32)
+    counts = counted_triton_launches(monkeypatch)
+    again = decode_attention_triton(q, key, value, None, None, False, 2, 2, 32)
+    assert counts == {"gluon": 0, "split": 0, "combine": 0}
+    assert torch.equal(again, first)
+    mask = left_padding_mask([0, 37, 300], 1005, "bool", torch.float16, 32)
+    check(q, key, value, spec_k, spec_v, mask=mask)
+    assert counts["gluon"] == 1
+    check(q, key, value, spec_k, spec_v, mask=mask)
+    assert counts["gluon"] == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
