@@ -740,7 +740,7 @@ def launch_decode_attention(
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
     qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
-    call = _Call(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
+    call = _Call.of(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
     if uses_mma_path(q, key, value, is_causal, key_bits, value_bits, group_size):
         _launch_mma_path(call, out)
         return out
@@ -794,7 +794,8 @@ def mma_path_unsupported(
 
 class _Call(NamedTuple):
     """One attention call as the kernels take it: the mask expanded to ``[B, Hq, n, T]`` (bool as
-    uint8; ``mask_kind`` 0 none, 1 bool, 2 additive) and the scale in log2 units."""
+    uint8; ``mask_kind`` 0 none, 1 bool, 2 additive) and the scale in log2 units. Made by :meth:`of`,
+    which takes ``programs`` and ``block_m`` once: the launches of one call read them up to nine times."""
 
     q: torch.Tensor
     key: QuantizedKV
@@ -806,18 +807,19 @@ class _Call(NamedTuple):
     key_bits: int
     value_bits: int
     group_size: int
+    programs: int  # one per KV head of each batch entry (times the splits)
+    block_m: int  # query rows a program holds (its KV head's g * n), padded to a tensor-core tile
 
-    @property
-    def programs(self) -> int:
-        """One per KV head of each batch entry (times the splits)."""
-        return self.q.shape[0] * self.key.residual.shape[1]
-
-    @property
-    def block_m(self) -> int:
-        """Query rows a program holds: its KV head's ``g * n``, padded to a tensor-core tile."""
-        rows = self.q.shape[2] * self.q.shape[1] // self.key.residual.shape[1]
+    @classmethod
+    def of(cls, q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, mask: torch.Tensor | None, mask_kind: int,
+           is_causal: bool, qk_scale: float, key_bits: int, value_bits: int, group_size: int) -> _Call:  # fmt: skip
+        batch, q_heads, q_len, _ = q.shape
+        kv_heads = key.residual.shape[1]
+        rows = q_len * q_heads // kv_heads
         # Not triton.next_power_of_2: a ConstexprFunction, a few microseconds of host time per call.
-        return max(16, 1 << (rows - 1).bit_length())
+        block_m = max(16, 1 << (rows - 1).bit_length())
+        return cls(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size,
+                   batch * kv_heads, block_m)  # fmt: skip
 
 
 def _launch_plan(tile: triton.Config, num_splits: int, call: _Call, granules: int, out: torch.Tensor) -> None:

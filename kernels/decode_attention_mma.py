@@ -412,7 +412,7 @@ def inputs_unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, ke
         "value scales": (value.scales, HEAD_DIM // GROUP_SIZE), "value mins": (value.mins, HEAD_DIM // GROUP_SIZE),
     }  # fmt: skip
     for name, (tensor, row) in dense_rows.items():
-        if tensor.stride(-1) != 1 or tensor.stride(-2) != row or tensor.data_ptr() % 16:
+        if tensor.stride()[-2:] != (row, 1) or tensor.data_ptr() % 16:
             return f"{name} are not dense rows aligned to 16 bytes"
     if key.scales.stride() != key.mins.stride() or value.scales.stride() != value.mins.stride():
         return "scales and mins have different strides"

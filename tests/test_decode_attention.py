@@ -364,7 +364,7 @@ def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
 def test_a_programs_query_rows_pad_to_a_power_of_two_of_at_least_16(rows):
     q = torch.randn(1, rows, 1, 8, device=DEVICE)
     key = QuantizedKV(*(torch.empty(1, 1, 4, 8, device=DEVICE) for _ in range(4)), torch.zeros(4, dtype=torch.int32))
-    call = decode_attention._Call(q, key, key, None, 0, False, 1.0, 2, 2, 8)
+    call = decode_attention._Call.of(q, key, key, None, 0, False, 1.0, 2, 2, 8)
     assert call.block_m == max(16, triton.next_power_of_2(rows))
 
 
@@ -519,7 +519,7 @@ def test_the_tail_refuses_tiles_longer_than_the_gluon_blocks():
     key = filled_cache(spec_k, 1, 1, 32, torch.float32, 130, [])
     value = filled_cache(spec_v, 1, 1, 32, torch.float32, 130, [])
     q = torch.randn(1, 1, 1, 32, device=DEVICE)
-    call = decode_attention._Call(q, key, value, None, 0, False, 1.0, 2, 2, 8)
+    call = decode_attention._Call.of(q, key, value, None, 0, False, 1.0, 2, 2, 8)
     partials = decode_attention._partial_buffers(call, 2)
     with pytest.raises(Exception, match="must divide the Gluon kernel's blocks"):
         decode_attention._launch_split_kernel(triton.Config({"BLOCK_N": 64}, num_warps=4), 1, 2, call, 0, *partials,
