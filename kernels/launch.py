@@ -44,7 +44,10 @@ def launch_kernel(kernel: Any, grid: tuple[int, ...], *args: Any, **options: Any
     bound, specialization, _ = binder(*args, **options)
     key = (device, tuple(specialization), tuple(options.items()), knobs.runtime.debug,
            knobs.compilation.instrumentation_mode)  # fmt: skip
-    compiled_by_key = _COMPILED.setdefault(id(kernel), (kernel, {}))[1]
+    entry = _COMPILED.get(id(kernel))
+    if entry is None:  # not setdefault: its default (a tuple and a dict) would be built on every launch
+        entry = _COMPILED[id(kernel)] = (kernel, {})
+    compiled_by_key = entry[1]
     compiled = compiled_by_key.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **options)
