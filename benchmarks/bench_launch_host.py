@@ -4,8 +4,9 @@ At small batch a decode step waits on the host: on the GPU machines one call of 
 of host time at B = 8 (thirteenth session), Triton's launches included. This times the part this
 project writes, with every kernel replaced by a stand-in that launches nothing: choosing the path,
 the plan or the tail's tile, allocating the partial buffers and gathering some 60 launch arguments.
-Two paths: the Triton kernel and its combine (B = 8, T = 1k) and the Gluon kernel, the Triton tail and
-the combine (B = 8, T = 4k, every input check but the GPU's). Medians of several runs, us per call.
+Two paths: the Triton kernel alone (B = 8, T = 512, one launch: below the Gluon path's threshold the
+sequence is not split) and the Gluon kernel and the Triton tail, which combines (B = 8, T = 4k, every
+input check but the GPU's). Medians of several runs, us per call.
 
     python benchmarks/bench_launch_host.py
 """
@@ -26,7 +27,7 @@ from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels import decode_attention, decode_attention_mma
 
-CASES = {"Triton kernel + combine": 1024, "Gluon kernel + tail + combine": 4096}  # tokens cached, B = 8
+CASES = {"Triton kernel": 512, "Gluon kernel + tail": 4096}  # tokens cached, B = 8
 
 
 class _NoLaunch:

@@ -19,9 +19,9 @@ instead of two. Lengths are read on the device; ``S`` and the chunk are chosen f
 capacity so nothing waits for the host.
 
 For the common large decode step (float16, head_dim 128, 2- or 4-bit, G = 32, one token) the
-blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.4x
-faster at 2 bits and 3.1x at 4 bits, B = 8, T = 32k on the H100), and this kernel only adds the
-rest of each sequence as one more partial.
+blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.7x
+faster at 2 bits and 3.5x at 4 bits, B = 8, T = 32k on the H100), and this kernel only adds the
+rest of each sequence and combines it with the Gluon kernel's partials: two launches in all.
 """
 
 from __future__ import annotations
@@ -128,12 +128,11 @@ REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
 # The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
 MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
 # The Gluon kernel takes the quantized blocks only when there are at least this many (tokens the buffers
-# can hold quantized x KV heads x batch): below it the step is bound by host time, and its three launches
-# cost more than the Triton kernel's one or two. H200 (2026-12-02, benchmarks/bench_decode_attention.py):
-# faster from 688k token-heads up (B = 96 at T = 340: 0.219 ms against 0.248; B = 8 at T = 4k, 1.02M:
-# 0.146 against 0.181), slower at 229k (B = 8, T = 1k: 0.237 against 0.088) and 7k (B = 1, T = 340: 0.157
-# against 0.056).
-MMA_MIN_TOKEN_HEADS = 1 << 19
+# can hold quantized x KV heads x batch): below it the step is bound by the host's launch time, which the
+# Gluon path's two launches (with the tail's combine) add to. H100, fifteenth session, both paths of the op
+# in one process (do_bench ms, GPU alone ms): B = 8, T = 1k (229k): 0.0637 against 0.0607, 0.0275 against
+# 0.0543; B = 1, T = 4k (127k): 0.0688 against 0.0499, 0.0316 against 0.0405.
+MMA_MIN_TOKEN_HEADS = 1 << 17
 # Plans whose result differs from the median of the tiles' results by more than this are not used
 # (:func:`_agreeing_plans`).
 TILE_DISAGREEMENT = 1e-2
@@ -368,6 +367,26 @@ def _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch,
              mask=row_valid[:, None])  # fmt: skip
 
 
+@triton.jit
+def _with_partials(acc, row_max, row_sum, acc_ptr, max_ptr, sum_ptr, first, count, rows, row_valid, channels,
+                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+    """``acc`` and ``row_sum`` (relative to ``row_max``, log2 units) merged with the partials ``first ..
+    first + count - 1``, relative to the largest maximum of them all; ``channels`` are ``acc``'s columns."""
+    top = row_max
+    for partial in range(first, first + count):
+        top = tl.maximum(top, tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")))
+    safe_top = tl.where(top == float("-inf"), 0.0, top)  # rows that saw no token anywhere
+    weight = tl.exp2(row_max - safe_top)
+    acc = acc * weight[:, None]
+    row_sum = row_sum * weight
+    for partial in range(first, first + count):
+        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")) - safe_top)
+        row_sum += weight * tl.load(sum_ptr + partial * BLOCK_M + rows, mask=row_valid, other=0.0)
+        acc += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :],
+                                         mask=row_valid[:, None], other=0.0)  # fmt: skip
+    return acc, row_sum
+
+
 # Arguments that change with the sequence length during a generate, which Triton would otherwise
 # specialize on (divisible by 16 or not), compiling the kernel again mid-run: the mask's strides
 # hold its length, the residual capacities R plus the tokens of a step. Only row offsets of the mask
@@ -431,13 +450,12 @@ def _decode_attention_kernel(
     # blocks mostly the latter.
     VALUES_LANE_MAJOR: tl.constexpr = TAIL_BLOCK == 0
     value_channels = _value_channel_order(HEAD_DIM, 8 // V_BITS, VALUES_LANE_MAJOR)
-    if TAIL_BLOCK > 0:  # the blocks before are the Gluon kernel's (decode_attention_mma.py): the last partial
+    if TAIL_BLOCK > 0:  # the blocks before are the Gluon kernel's (decode_attention_mma.py), in its partials
         # The loops below need the tail to start on a block of theirs (a 64-token tile after 32-token blocks
         # counts the tokens at the residual boundary twice).
         tl.static_assert(TAIL_BLOCK % BLOCK_N == 0, "the tail's tile must divide the Gluon kernel's blocks")
         first = (tl.minimum(k_quantized, v_quantized) // TAIL_BLOCK) * TAIL_BLOCK
         last = seq_len
-        split += num_splits - 1
     else:
         first = split * tokens_per_split
         last = tl.minimum(first + tokens_per_split, seq_len)
@@ -513,7 +531,10 @@ def _decode_attention_kernel(
                                         mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
 
-    if SINGLE_SPLIT:  # the whole sequence was this program's: normalize and store, no combine
+    if TAIL_BLOCK > 0:  # the Gluon kernel, launched before on this stream, wrote the ``num_splits`` others
+        acc, row_sum = _with_partials(acc, row_max, row_sum, acc_ptr, max_ptr, sum_ptr, pid * num_splits, num_splits,
+                                      rows, row_valid, value_channels, BLOCK_M, HEAD_DIM)  # fmt: skip
+    if SINGLE_SPLIT or TAIL_BLOCK > 0:  # the whole sequence is in this program's sums: normalize and store
         out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]  # 0 only in padding rows, never stored
         _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, heads, q_pos, value_channels,
                     row_valid)  # fmt: skip
@@ -536,20 +557,10 @@ def _combine_splits_kernel(
     rows = tl.arange(0, BLOCK_M)
     row_valid = rows < GROUP * Q_LEN  # only these rows of the partials were written
     channels = tl.arange(0, HEAD_DIM)
-    first = pid * num_partials
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for split in range(num_partials):
-        partial_max = tl.load(max_ptr + (first + split) * BLOCK_M + rows, mask=row_valid, other=float("-inf"))
-        row_max = tl.maximum(row_max, partial_max)
-    safe_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    total = tl.zeros([BLOCK_M], dtype=tl.float32)
-    out = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    for split in range(num_partials):
-        partial = first + split
-        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")) - safe_max)
-        total += weight * tl.load(sum_ptr + partial * BLOCK_M + rows, mask=row_valid, other=0.0)
-        out += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :],
-                                         mask=row_valid[:, None], other=0.0)  # fmt: skip
+    out, total = _with_partials(tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),  # no sums of its own
+                                tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                                tl.zeros([BLOCK_M], dtype=tl.float32), acc_ptr, max_ptr, sum_ptr, pid * num_partials,
+                                num_partials, rows, row_valid, channels, BLOCK_M, HEAD_DIM)  # fmt: skip
     out = out / tl.where(total > 0, total, 1.0)[:, None]  # 0 only in padding rows, never stored
     _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, kv_head * GROUP + rows // Q_LEN,
                 rows % Q_LEN, channels, row_valid)  # fmt: skip
@@ -834,25 +845,24 @@ def _launch_plan(tile: triton.Config, num_splits: int, call: _Call, granules: in
 
 
 def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
-    """The Gluon kernel over the blocks quantized on both sides (in splits), the Triton kernel over the
-    rest of each sequence (one more partial), and the combine."""
+    """The Gluon kernel over the blocks quantized on both sides (in splits), then the Triton kernel over the
+    rest of each sequence, which combines the Gluon kernel's partials with its own and stores ``out``."""
     capacity = mma_blocks.quantized_capacity(call.key, call.value, call.key_bits)
     splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
-    partials = _partial_buffers(call, splits + 1)
+    partials = _partial_buffers(call, splits)
     mma_blocks.launch(call.q, call.key, call.value, call.key_bits, call.value_bits, call.mask, call.mask_kind,
-                      call.qk_scale, capacity, splits, splits + 1, *partials)  # fmt: skip
+                      call.qk_scale, capacity, splits, splits, *partials)  # fmt: skip
 
-    def tail_and_combine(tile: triton.Config) -> None:
-        _launch_split_kernel(tile, 1, splits + 1, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
-        _launch_combine(call, splits + 1, *partials, out)
+    def tail(tile: triton.Config) -> None:
+        _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
 
     mask_dtype = None if call.mask is None else call.mask.dtype
     tuning_key = ("tail", call.block_m, call.key_bits, call.value_bits, mask_dtype,
                   _work_class(call.programs, call.q.device))  # fmt: skip
     tile = _TUNED_TAIL_TILES.get(tuning_key)
     if tile is None:
-        tile = _TUNED_TAIL_TILES[tuning_key] = _fastest_tail_tile(tail_and_combine, out)
-    tail_and_combine(tile)
+        tile = _TUNED_TAIL_TILES[tuning_key] = _fastest_tail_tile(tail, out)
+    tail(tile)
 
 
 # The tail's tile for each tuning key. On the H100 (eleventh session), 32 tokens on 2 warps took 9-13% less
@@ -866,16 +876,16 @@ def _tail_tiles() -> list[triton.Config]:
     return [tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0]
 
 
-def _fastest_tail_tile(tail_and_combine: Callable[[triton.Config], None], out: torch.Tensor) -> triton.Config:
+def _fastest_tail_tile(tail: Callable[[triton.Config], None], out: torch.Tensor) -> triton.Config:
     """The fastest of :func:`_tail_tiles`, among those whose output agrees with the first one's (the
     tail's only tile until the eleventh session, tested at every GPU shape)."""
     first, *others = _tail_tiles()
-    tail_and_combine(first)
+    tail(first)
     expected = out.to(torch.float32, copy=True)
     candidates = [first]
     for tile in others:
         try:
-            tail_and_combine(tile)
+            tail(tile)
         except (OutOfResources, CompileTimeAssertionFailure, PTXASError):  # a tile this GPU cannot hold
             continue
         disagreement = _relative_difference(out.float(), expected)
@@ -886,7 +896,7 @@ def _fastest_tail_tile(tail_and_combine: Callable[[triton.Config], None], out: t
                            "first tile's by %.2g (relative)", tile, disagreement)  # fmt: skip
     if len(candidates) == 1:
         return first
-    return min(candidates, key=lambda tile: median_ms(lambda: tail_and_combine(tile)))
+    return min(candidates, key=lambda tile: median_ms(lambda: tail(tile)))
 
 
 def _partial_buffers(call: _Call, num_partials: int) -> tuple[torch.Tensor, ...]:
@@ -911,7 +921,8 @@ def _launch_split_kernel(
     tail_block: int = 0,
 ) -> None:
     """``_decode_attention_kernel`` over ``grid_splits`` splits writing partials of ``num_partials``
-    (``out`` itself when that is 1); with ``tail_block``, over the tail after the Gluon kernel's blocks."""
+    (``out`` itself when that is 1); with ``tail_block``, over the tail after the Gluon kernel's blocks,
+    combined with the Gluon kernel's ``num_partials`` partials into ``out``."""
     q, key, value, mask = call.q, call.key, call.value, call.mask
     _, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
@@ -926,7 +937,7 @@ def _launch_split_kernel(
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, out, *out.stride(),
         call.qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_partials, tokens_per_split,
-        SINGLE_SPLIT=num_partials == 1, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
+        SINGLE_SPLIT=num_partials == 1 and not tail_block, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
         BLOCK_M=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
         MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, TAIL_BLOCK=tail_block,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **tile.all_kwargs(),

@@ -387,7 +387,7 @@ def counted_triton_launches(monkeypatch) -> dict[str, int]:
 @pytest.mark.gpu
 @on_gpu
 def test_launches_after_the_first_go_straight_to_the_compiled_launcher(monkeypatch):
-    """The second call launches the Gluon kernel, the tail and the combine through their compiled
+    """The second call launches the Gluon kernel and the tail (which combines) through their compiled
     launchers (not ``JITFunction.run``) and answers exactly as the first; a mask is another
     specialization (``MASK_KIND``), which goes through Triton once. No launch of earlier tests counts."""
     monkeypatch.setattr(launch, "_COMPILED", {})
@@ -462,16 +462,19 @@ def gluon_path_caches(bits: int) -> tuple[CacheSpec, CacheSpec, QuantizedKV, Qua
 
 
 @pytest.mark.parametrize(("mask_kind", "bits"), [(None, 2), ("bool", 2), ("additive", 2), ("bool", 4)])
-def test_triton_tail_and_combine_complete_the_gluon_partials(mask_kind, bits, monkeypatch):
-    """The Triton kernel's tail launch and the combine around the Gluon kernel's partials (played by
-    PyTorch, :func:`gluon_stand_in`) run here, on the interpreter. The tail starts at token 96, an odd
-    multiple of 32, and takes a block whose keys are quantized and values are not. With a mask, row 1's
-    padding hides every quantized block: its partial sees no token (maximum ``-inf``)."""
+def test_the_triton_tail_completes_and_combines_the_gluon_partials(mask_kind, bits, monkeypatch):
+    """The Triton kernel's tail launch, which combines the Gluon kernel's partials (played by PyTorch,
+    :func:`gluon_stand_in`) with its own, runs here on the interpreter, and no combine kernel does. The
+    tail starts at token 96, an odd multiple of 32, and takes a block whose keys are quantized and values
+    are not. With a mask, row 1's padding hides every quantized block: its partial sees no token
+    (maximum ``-inf``)."""
     spec_k, spec_v, key, value = gluon_path_caches(bits)
     q = torch.randn(2, 4, 1, 32, device=DEVICE)
     mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
     use_gluon_stand_in(monkeypatch)
+    launches = counted_triton_launches(monkeypatch)
     check(q, key, value, spec_k, spec_v, mask=mask)
+    assert launches["split"] > 0 and launches["combine"] == 0
 
 
 def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
@@ -484,7 +487,7 @@ def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
     use_gluon_stand_in(monkeypatch)
     kernel = decode_attention._decode_attention_kernel
     parameters = list(inspect.signature(kernel.fn).parameters)
-    acc_index, partials_index = parameters.index("acc_ptr"), parameters.index("num_splits")
+    out_index = parameters.index("out_ptr")
     launched: list[tuple[int, int]] = []
 
     class MiscompiledTile:
@@ -492,8 +495,8 @@ def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
             def launch(*args, **constexprs):
                 kernel[grid](*args, **constexprs)
                 launched.append((constexprs["BLOCK_N"], constexprs["num_warps"]))
-                if launched[-1] == (32, 4):  # the tail's partials (the last of each KV head's) go wrong
-                    args[acc_index].view(4, args[partials_index], 16, 32)[:, -1] -= 1.0
+                if launched[-1] == (32, 4):  # the tail's output goes wrong
+                    args[out_index].sub_(1.0)
 
             return launch
 
