@@ -9,9 +9,14 @@ explicit-layout dialect, lets the layouts be written down: each lane loads exact
 ``lop3`` and two half-precision operations, with no shared memory.
 
 One warp per program and 32-token blocks (one key group). Lane ``(g, t) = (lane // 4, lane % 4)``.
-For ``S = Q Kᵀ`` (M = query rows, N = the block's tokens, K = channels) it needs tokens ``8j + g``
-and channels ``16c + 2t + e + 8f``. Neither index has to follow the cache's order, only to be the
-same on both sides of the product:
+Both products are taken transposed, so that the few query rows of a decode step are their N side
+(8, or 16 above 8 rows) instead of a 16-row M side: ``Sᵀ = K Qᵀ`` (M = the block's tokens, N = query
+rows, K = channels) and ``Oᵀ = Vᵀ Pᵀ`` (M = output channels, N = query rows, K = tokens). Up to 8
+rows, the accumulator then holds 32 registers a lane instead of 64, the query 16 instead of 32, and
+a block takes half the ``mma``s: 9-17% less GPU time than the untransposed products (H100).
+For ``Sᵀ`` a lane needs tokens ``8j + g`` (rows ``g`` and ``g + 8`` of each 16-token tile) and
+channels ``16c + 2t + e + 8f``. Neither index has to follow the cache's order, only to be the same
+on both sides of the product:
 
 - token ``ν = 8j + g`` is token ``4g + j`` of the block: byte row ``g`` of the packed keys (4 tokens
   per byte), code ``j`` of every byte. With 4-bit keys (2 tokens per byte) it is token
@@ -22,21 +27,21 @@ same on both sides of the product:
   ``f`` and ``f + 2`` of a 32-bit word, and one shift and one mask put both codes into the top
   mantissa bits of two fp16 halves (``1 + code / 2^bits``). The query is loaded in ``κ`` order.
 
-For ``O = P V`` (K = the tokens in ``ν`` order, N = output channels) the lane needs tokens
+For ``Oᵀ = Vᵀ Pᵀ`` (K = the tokens in ``ν`` order, M = output channels) the lane needs tokens
 ``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
 of its tokens' packed values (words ``2g`` and ``2g + 1`` with 4 bits), inside one value group. A
 fragment pairs two tokens of one channel, so the two tokens' words are interleaved by halves first.
-``P`` stays in registers between the products (the accumulator layout of ``S`` is the operand layout
-of ``P``, as in FlashAttention-2).
+``Pᵀ`` goes from the accumulator layout of ``Sᵀ`` to the operand layout in the warp's registers
+(shuffles, no shared memory).
 
-Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout, column
+Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout, row
 ``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
 values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The
 Triton kernel takes everything else, and the tail of every sequence here (blocks with a residual
-side), as one more partial result.
+side), which it combines with this kernel's partials.
 """
 
 from __future__ import annotations
@@ -55,9 +60,11 @@ BLOCK = gl.constexpr(32)  # tokens per block: one key group
 _N_QUANT = gl.constexpr(N_QUANT)
 HEAD_DIM, GROUP_SIZE, MAX_ROWS = 128, 32, 16  # what the layouts below are written for
 SUPPORTED_BITS = (2, 4)
-# One warp per program takes ~240 registers, so 8 programs fit on a multiprocessor. The splits fill one
-# wave of them and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02) the split that
-# made more programs than fit at once took 0.772 ms against 0.626 for the one below it.
+# One warp per program takes ~240 registers on the GPU machines (238 with up to 8 query rows, Nsight
+# Compute, H100), so 8 programs fit on a multiprocessor. The splits fill one wave of them and no more: in a
+# prototype's sweep (B = 8, T = 32k, H200, 2026-12-02) the split that made more programs than fit at once
+# took 0.772 ms against 0.626 for the one below it. Capping the registers at 168 for 12 programs (up to 8
+# rows) made 2-bit T = 32k 3% faster but 4-bit 15% slower, GQA 4:1 5% (H100, fifteenth session).
 PROGRAMS_PER_MULTIPROCESSOR = 8
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
@@ -195,7 +202,7 @@ def _key_lane(words, code: gl.constexpr, scale, group_min, BITS: gl.constexpr):
 
 @gluon.jit
 def _key_operand(kc, ks, km, start, word_offsets, scale_offsets, BITS: gl.constexpr):
-    """The block's keys as the ``[κ, ν]`` operand of ``S = Q Kᵀ``, dequantized in fp16."""
+    """The block's keys as the ``[ν, κ]`` operand of ``Sᵀ = K Qᵀ``, dequantized in fp16."""
     rows = kc + start * (4 * BITS)  # the block's first byte row (32 words a row)
     scale = _key_word_pairs(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * (1 << BITS))
     group_min = _key_word_pairs(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
@@ -207,8 +214,8 @@ def _key_operand(kc, ks, km, start, word_offsets, scale_offsets, BITS: gl.conste
         more = gl.load(rows + 8 * 32 + word_offsets).to(gl.uint32, bitcast=True)
         x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
                     gl.join(_key_lane(more, 0, scale, group_min, BITS), _key_lane(more, 1, scale, group_min, BITS)))
-    # [c, t, g, e, f, j0, j1] -> [c, f, t, e, j1, j0, g]: kappa = 16c + 8f + 2t + e, nu = 8j + g
-    return gl.convert_layout(gl.reshape(gl.permute(x, (0, 4, 1, 3, 6, 5, 2)), (128, 32)), _B, assert_trivial=True)
+    # [c, t, g, e, f, j0, j1] -> [j1, j0, g, c, f, t, e]: nu = 8j + g, kappa = 16c + 8f + 2t + e
+    return gl.convert_layout(gl.reshape(gl.permute(x, (6, 5, 2, 0, 4, 1, 3)), (32, 128)), _A, assert_trivial=True)
 
 
 @gluon.jit
@@ -240,7 +247,7 @@ def _interleaved(words):
 
 @gluon.jit
 def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets, BITS: gl.constexpr):
-    """The block's values as the ``[ν, μ]`` operand of ``O = P V``, dequantized in fp16."""
+    """The block's values as the ``[μ, ν]`` operand of ``Oᵀ = Vᵀ Pᵀ``, dequantized in fp16."""
     codes = vc + start * (4 * BITS)  # the block's first token (4 * BITS words a token)
     if BITS == 2:  # word g: channels 16g .. 16g + 15
         halves = _interleaved(gl.load(codes + word_offsets).to(gl.uint32, bitcast=True))
@@ -252,9 +259,9 @@ def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets, BITS: gl.cons
     v = gl.join(gl.join(_value_quad(halves, 0, scale, group_min, BITS), _value_quad(halves, 4, scale, group_min, BITS)),
                 gl.join(_value_quad(halves, 8, scale, group_min, BITS),
                         _value_quad(halves, 12, scale, group_min, BITS)))  # fmt: skip
-    # [h, f, t, g, e, u0, u1, u2, u3] -> [h, f, t, e, u3, u2, u1, u0, g]: nu = 16h + 8f + 2t + e, mu = 8u + g
-    v = gl.reshape(gl.permute(v, (0, 1, 2, 4, 8, 7, 6, 5, 3)), (32, 128))
-    return gl.convert_layout(v, _B, assert_trivial=True)
+    # [h, f, t, g, e, u0, u1, u2, u3] -> [u3, u2, u1, u0, g, h, f, t, e]: mu = 8u + g, nu = 16h + 8f + 2t + e
+    v = gl.reshape(gl.permute(v, (8, 7, 6, 5, 3, 0, 1, 2, 4)), (128, 32))
+    return gl.convert_layout(v, _A, assert_trivial=True)
 
 
 @gluon.jit
@@ -314,12 +321,13 @@ def _quantized_blocks_kernel(
     split = gl.program_id(1)
     batch = (pid // kv_heads).to(gl.int64)
     kv_head = pid % kv_heads
-    rows = gl.arange(0, 16, layout=gl.SliceLayout(1, _A))
-    kappa = gl.arange(0, 128, layout=gl.SliceLayout(0, _A))
+    N: gl.constexpr = 8 if ROWS <= 8 else 16  # query rows padded to the products' N
+    rows = gl.arange(0, N, layout=gl.SliceLayout(0, _B))
+    kappa = gl.arange(0, 128, layout=gl.SliceLayout(1, _B))
     within = kappa % 16
     channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within % 2) + within // 8
-    q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[:, None] * stride_qh + channel[None, :],
-                mask=(rows < ROWS)[:, None], other=0.0)  # fmt: skip
+    q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[None, :] * stride_qh + channel[:, None],
+                mask=(rows < ROWS)[None, :], other=0.0)  # fmt: skip
     kc = kc_ptr + batch * stride_kcb + kv_head * stride_kch
     ks = ks_ptr + batch * stride_ksb + kv_head * stride_ksh
     km = km_ptr + batch * stride_ksb + kv_head * stride_ksh
@@ -335,17 +343,17 @@ def _quantized_blocks_kernel(
     value_words = tokens * (4 * VALUE_BITS) + word * (VALUE_BITS // 2)
     value_scales = tokens * 4 + word // 2
 
-    # Padding rows (ROWS .. 15) read the last row's mask: never past the mask's last head, and never stored.
-    heads = kv_head * ROWS + gl.minimum(gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA)), ROWS - 1)
-    nu = gl.arange(0, 32, layout=gl.SliceLayout(0, _MMA))
-    mask_ptrs = (mask_ptr + batch * stride_mb + heads[:, None] * stride_mh
-                 + _block_token(nu % 8, nu // 8, KEY_BITS)[None, :] * stride_mt)  # fmt: skip
+    # Padding rows (ROWS .. N - 1) read the last row's mask: never past the mask's last head, and never stored.
+    heads = kv_head * ROWS + gl.minimum(gl.arange(0, N, layout=gl.SliceLayout(0, _MMA)), ROWS - 1)
+    nu = gl.arange(0, 32, layout=gl.SliceLayout(1, _MMA))
+    mask_ptrs = (mask_ptr + batch * stride_mb + heads[None, :] * stride_mh
+                 + _block_token(nu % 8, nu // 8, KEY_BITS)[:, None] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
     first = split * tokens_per_split
     last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
-    acc = gl.zeros([16, 128], gl.float32, layout=_MMA)
-    row_sum = gl.zeros([16, 32], gl.float32, layout=_MMA)  # summed over the tokens at the end
-    row_max = gl.full([16], -float("inf"), gl.float32, layout=gl.SliceLayout(1, _MMA))
+    acc = gl.zeros([128, N], gl.float32, layout=_MMA)
+    row_sum = gl.zeros([32, N], gl.float32, layout=_MMA)  # summed over the tokens at the end
+    row_max = gl.full([N], -float("inf"), gl.float32, layout=gl.SliceLayout(0, _MMA))
     if PREFETCH > 0:
         _prefetch(kc, ks, km, vc, vs, vm, first, gl.minimum(PREFETCH * BLOCK, last - first), KEY_BITS, VALUE_BITS)
     for start in range(first, last, BLOCK):
@@ -353,28 +361,28 @@ def _quantized_blocks_kernel(
             ahead = start + PREFETCH * BLOCK
             _prefetch(kc, ks, km, vc, vs, vm, ahead, gl.where(ahead < last, BLOCK, 0), KEY_BITS, VALUE_BITS)
         keys = _key_operand(kc, ks, km, start, key_words, key_scales, KEY_BITS)
-        scores = gl.nvidia.ampere.mma_v2(q, keys, gl.zeros([16, 32], gl.float32, layout=_MMA)) * qk_scale
+        scores = gl.nvidia.ampere.mma_v2(keys, q, gl.zeros([32, N], gl.float32, layout=_MMA)) * qk_scale
         if MASK_KIND != 0:
             scores = _masked(scores, mask_ptrs + start * stride_mt, MASK_KIND)
-        block_max = gl.max(scores, axis=1)
+        block_max = gl.max(scores, axis=0)
         if gl.max((block_max > row_max + RESCALE_THRESHOLD).to(gl.int32), axis=0) > 0:
             new_max = gl.maximum(row_max, block_max)
             rescale = gl.exp2(row_max - _finite_max(new_max))
-            acc = acc * rescale[:, None]
-            row_sum = row_sum * rescale[:, None]
+            acc = acc * rescale[None, :]
+            row_sum = row_sum * rescale[None, :]
             row_max = new_max
-        probs = gl.exp2(scores - _finite_max(row_max)[:, None])
+        probs = gl.exp2(scores - _finite_max(row_max)[None, :])
         row_sum += probs
         values = _value_operand(vc, vs, vm, start, value_words, value_scales, VALUE_BITS)
-        acc = gl.nvidia.ampere.mma_v2(gl.convert_layout(probs.to(gl.float16), _A), values, acc)
+        acc = gl.nvidia.ampere.mma_v2(values, gl.convert_layout(probs.to(gl.float16), _B), acc)
 
     partial = (pid * num_partials + split) * 16
-    r = gl.arange(0, 16, layout=gl.SliceLayout(1, _MMA))
-    mu = gl.arange(0, 128, layout=gl.SliceLayout(0, _MMA))
-    gl.store(acc_ptr + (partial + r)[:, None] * 128 + (16 * (mu % 8) + mu // 8)[None, :], acc,
-             mask=(r < ROWS)[:, None])  # fmt: skip
+    r = gl.arange(0, N, layout=gl.SliceLayout(0, _MMA))
+    mu = gl.arange(0, 128, layout=gl.SliceLayout(1, _MMA))
+    gl.store(acc_ptr + (partial + r)[None, :] * 128 + (16 * (mu % 8) + mu // 8)[:, None], acc,
+             mask=(r < ROWS)[None, :])  # fmt: skip
     gl.store(max_ptr + partial + r, row_max, mask=r < ROWS)
-    gl.store(sum_ptr + partial + r, gl.sum(row_sum, axis=1), mask=r < ROWS)
+    gl.store(sum_ptr + partial + r, gl.sum(row_sum, axis=0), mask=r < ROWS)
 
 
 @functools.lru_cache
