@@ -137,7 +137,8 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
 
     Each timed append starts from set lengths: values always hold R + 1 residual tokens (the
     steady state: one token flushes per step); keys hold R / 2 (a typical step) or R (the step
-    every R that flushes a whole block).
+    every R that flushes a whole block). Times are ``do_bench`` medians (host launch time included, as
+    in a decode step without CUDA graphs) and, in the ``_gpu`` fields, the GPU's time alone.
     """
     if seq_len % RESIDUAL:  # the key-flush step writes tokens T - R .. T, past what a prefill of T reserves
         raise ValueError(f"bench_append: seq_len={seq_len} is not a multiple of R={RESIDUAL}; the timed steps "
@@ -154,7 +155,8 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
         "key flush": (torch.tensor([seq_len - RESIDUAL, RESIDUAL, 0, 0]), torch.tensor([seq_len - RESIDUAL - 1, RESIDUAL + 1, 0, 0])),
     }  # fmt: skip
 
-    def timed_step(case: str) -> float:
+    def timed_step(case: str) -> tuple[float, float]:
+        """The append's time from ``case``'s lengths: ``do_bench`` and GPU alone (the reset's taken off)."""
         lengths = [t.cuda() for t in starts[case]]
 
         def reset() -> None:
@@ -165,17 +167,23 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
             reset()
             launch_append_kv(key.kv, value.kv, new, new, bits, bits, group, RESIDUAL, key.spec.per_channel)
 
-        return median_ms(step) - median_ms(reset)
+        return median_ms(step) - median_ms(reset), gpu_median_ms(step) - gpu_median_ms(reset)
 
-    typical_ms, flush_ms = timed_step("typical"), timed_step("key flush")
+    (typical_ms, typical_gpu_ms), (flush_ms, flush_gpu_ms) = timed_step("typical"), timed_step("key flush")
     key.lengths.copy_(prefilled["keys"])
     value.lengths.copy_(prefilled["values"])
-    attention_ms = median_ms(lambda: decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group))
+
+    def attention() -> torch.Tensor:
+        return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
+
+    attention_ms, attention_gpu_ms = median_ms(attention), gpu_median_ms(attention)
     amortized_ms = typical_ms + (flush_ms - typical_ms) / RESIDUAL
+    amortized_gpu_ms = typical_gpu_ms + (flush_gpu_ms - typical_gpu_ms) / RESIDUAL
     return dict(B=batch, H=heads, D=head_dim, T=seq_len, bits=bits, layers=layers,
                 append_ms_typical=layers * typical_ms, append_ms_key_flush=layers * flush_ms,
                 append_ms_amortized=layers * amortized_ms, attention_ms=layers * attention_ms,
-                append_share=amortized_ms / attention_ms)  # fmt: skip
+                append_share=amortized_ms / attention_ms, append_ms_amortized_gpu=layers * amortized_gpu_ms,
+                attention_ms_gpu=layers * attention_gpu_ms, append_share_gpu=amortized_gpu_ms / attention_gpu_ms)  # fmt: skip
 
 
 def plot(rows: list[dict], path: Path) -> str:
