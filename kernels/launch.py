@@ -1,6 +1,6 @@
 """Launch a Triton kernel without redoing ``JITFunction.run``'s per-call work.
 
-A decode step launches two or three attention kernels and one append per layer, with 30 to 60
+A decode step launches one or two attention kernels and one append per layer, with 30 to 60
 arguments each. On the H100 machine's host (thirteenth session, 2.1 GHz Xeon), one such launch
 through ``JITFunction.run`` took 36 us, of which its compiled launcher took about 5: the rest goes
 to building its cache key (``str`` of the options on every call), re-checking every global the kernel
@@ -8,8 +8,8 @@ read (the Gluon kernel's layout constants compare slowly) and launch metadata fo
 
 :func:`launch_kernel` binds the arguments with the kernel's own binder, so the specialization it
 looks up is the one Triton computes, and once Triton has compiled and launched that specialization,
-calls its launcher directly: 25 us less host time per call of the op at T = 1k, 96 us at T = 4k (three
-launches) and 10 us per append on the H100 machine (fourteenth session, docs/results.md). Whatever
+calls its launcher directly: 25 us less host time per call of the op at T = 1k, 96 us at T = 4k (then
+three launches) and 10 us per append on the H100 machine (fourteenth session, docs/results.md). Whatever
 this module was not checked against takes Triton's path.
 """
 
