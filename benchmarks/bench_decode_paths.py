@@ -16,12 +16,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+from bench_decode_attention import gpu_median_ms, kivi_caches
 from tabulate import tabulate
-from triton.testing import do_bench, do_bench_cudagraph
 
-from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels import decode_attention, decode_attention_mma
+from kivi_compile.kernels.decode_attention import median_ms
 
 # (batch, query heads, KV heads, cached tokens), 2-bit, G = 32, R = 128, head_dim 128
 SHAPES = [(8, 32, 32, 1024), (8, 32, 32, 2048), (32, 32, 8, 1024), (96, 32, 32, 340), (8, 32, 32, 4096),
@@ -40,8 +40,7 @@ def bench_shape(batch: int, heads: int, kv_heads: int, tokens: int) -> list:
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, keys, values, enable_gqa=kv_heads != heads)
 
-    key = KiviCacheTensor.from_dense(keys, config.key_spec())
-    value = KiviCacheTensor.from_dense(values, config.value_spec())
+    key, value = kivi_caches(keys, values, config)
 
     def op() -> torch.Tensor:
         return decode_attention.decode_attention_triton(q, key.kv, value.kv, None, None, False, 2, 2, 32)
@@ -53,12 +52,12 @@ def bench_shape(batch: int, heads: int, kv_heads: int, tokens: int) -> list:
     times = {name: [] for name in ("sdpa", *PATHS)}
     gpu = {name: [] for name in times}
     for _ in range(ROUNDS):
-        times["sdpa"].append(do_bench(sdpa, return_mode="median"))
-        gpu["sdpa"].append(do_bench_cudagraph(sdpa, return_mode="median"))
+        times["sdpa"].append(median_ms(sdpa))
+        gpu["sdpa"].append(gpu_median_ms(sdpa))
         for path, threshold in PATHS.items():
             decode_attention.MMA_MIN_TOKEN_HEADS = threshold
-            times[path].append(do_bench(op, return_mode="median"))
-            gpu[path].append(do_bench_cudagraph(op, return_mode="median"))
+            times[path].append(median_ms(op))
+            gpu[path].append(gpu_median_ms(op))
     ms = {name: statistics.median(values) for name, values in times.items()}
     gpu_ms = {name: statistics.median(values) for name, values in gpu.items()}
     token_heads = batch * kv_heads * decode_attention_mma.quantized_capacity(key.kv, value.kv, 2)
