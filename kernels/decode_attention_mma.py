@@ -60,12 +60,16 @@ BLOCK = gl.constexpr(32)  # tokens per block: one key group
 _N_QUANT = gl.constexpr(N_QUANT)
 HEAD_DIM, GROUP_SIZE, MAX_ROWS = 128, 32, 16  # what the layouts below are written for
 SUPPORTED_BITS = (2, 4)
-# One warp per program takes ~240 registers on the GPU machines (238 with up to 8 query rows, Nsight
-# Compute, H100), so 8 programs fit on a multiprocessor. The splits fill one wave of them and no more: in a
-# prototype's sweep (B = 8, T = 32k, H200, 2026-12-02) the split that made more programs than fit at once
-# took 0.772 ms against 0.626 for the one below it. Capping the registers at 168 for 12 programs (up to 8
-# rows) made 2-bit T = 32k 3% faster but 4-bit 15% slower, GQA 4:1 5% (H100, fifteenth session).
+# The splits fill one wave of programs and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02)
+# the split that made more programs than fit at once took 0.772 ms against 0.626 for the one below it. How
+# many fit depends on the registers, which depend on the loop's token index (the device lengths are int64):
+# - 32 bits: 161-167 registers a lane up to 8 query rows, so 12 one-warp programs fit a multiprocessor;
+# - 64 bits: 238-252, so 8 fit.
+# H100, kernel alone (sixteenth session): with both 2-bit, 32 bits at 12 programs was 3-11% faster than 64 at 8;
+# with 4-bit codes it was 7-8% slower (ptxas schedules that loop's loads worse in fewer registers), and with 16
+# rows (226 registers, 8 fit) 32 bits was 4% slower.
 PROGRAMS_PER_MULTIPROCESSOR = 8
+NARROW_PROGRAMS_PER_MULTIPROCESSOR = 12
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
@@ -311,7 +315,7 @@ def _quantized_blocks_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
     ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr, KEY_BITS: gl.constexpr,
-    VALUE_BITS: gl.constexpr,
+    VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
@@ -349,6 +353,8 @@ def _quantized_blocks_kernel(
     mask_ptrs = (mask_ptr + batch * stride_mb + heads[None, :] * stride_mh
                  + _block_token(nu % 8, nu // 8, KEY_BITS)[:, None] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
+    if NARROW_INDEX:  # see PROGRAMS_PER_MULTIPROCESSOR
+        both_quantized = both_quantized.to(gl.int32)
     first = split * tokens_per_split
     last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
     acc = gl.zeros([128, N], gl.float32, layout=_MMA)
@@ -432,9 +438,16 @@ def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> i
     return min(key.codes.shape[-2] * codes_per_byte(key_bits), value.codes.shape[-2])
 
 
-def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
-    """As many splits of the quantized blocks as fill one wave of programs (at least one)."""
-    fitting = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
+def narrow_index(key_bits: int, value_bits: int, rows: int) -> bool:
+    """Whether the kernel's token index is 32-bit for these codes and query rows (see PROGRAMS_PER_MULTIPROCESSOR)."""
+    return key_bits == value_bits == 2 and rows <= 8
+
+
+def num_splits(programs: int, multiprocessors: int, quantized_capacity: int, narrow: bool) -> int:
+    """As many splits of the quantized blocks as fill one wave of programs (at least one); ``narrow``:
+    :func:`narrow_index`."""
+    per_multiprocessor = NARROW_PROGRAMS_PER_MULTIPROCESSOR if narrow else PROGRAMS_PER_MULTIPROCESSOR
+    fitting = per_multiprocessor * multiprocessors // programs
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
@@ -460,5 +473,5 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
         ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, num_warps=1,
+        VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, q_heads // kv_heads), num_warps=1,
     )  # fmt: skip

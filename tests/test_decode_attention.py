@@ -447,7 +447,8 @@ def use_gluon_stand_in(monkeypatch) -> None:
     """Every decode-attention call takes the Gluon path, with :func:`gluon_stand_in` as the Gluon kernel."""
     stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
                                      quantized_capacity=decode_attention_mma.quantized_capacity,
-                                     num_splits=decode_attention_mma.num_splits)  # fmt: skip
+                                     num_splits=decode_attention_mma.num_splits,
+                                     narrow_index=decode_attention_mma.narrow_index)  # fmt: skip
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
