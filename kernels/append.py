@@ -219,10 +219,13 @@ def _append_one(
     HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """Program ``pid`` (one batch row and head, of ``tl.num_programs(0)``) of one cache's append."""
-    batch, head = pid // heads, pid % heads
-    n_quant = tl.load(lengths_ptr + 0)
-    n_residual = tl.load(lengths_ptr + 1)
-    start = tl.load(lengths_ptr + 2)
+    batch, head = (pid // heads).to(tl.int64), pid % heads  # whole-cache offsets can pass 2**31 elements
+    # int64 on the device; token indices within one head's buffers fit 32 bits, in half the registers.
+    n_quant = tl.load(lengths_ptr + 0).to(tl.int32)
+    n_residual = tl.load(lengths_ptr + 1).to(tl.int32)
+    start = tl.load(lengths_ptr + 2).to(tl.int32)
+    # One thread takes the ticket: the barrier puts every warp's reads of the lengths before it.
+    tl.debug_barrier()
     ticket = tl.atomic_add(lengths_ptr + 3, 1, sem="acq_rel")
 
     residual_ptr += batch * stride_rb + head * stride_rh

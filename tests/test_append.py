@@ -11,9 +11,10 @@ import pytest
 import torch
 from kivi_helpers import poisoned_cache
 
+from kivi_compile.cache import allocate_buffers
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import append_kv_ref, append_ref, append_triton, launch_append_kv, store_prefill_ref
-from kivi_compile.kernels.cache_layout import QuantizedKV, read_lengths
+from kivi_compile.kernels.cache_layout import QuantizedKV, lengths_tensor, read_lengths
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 on_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -52,6 +53,8 @@ CPU_CASES = [  # (per_channel, bits, group, residual, prompt, steps)
     (True, 2, 8, 16, 13, [1] * 21),  # keys: flush at every 16th token, T % R != 0
     (True, 4, 8, 8, 5, [3, 3, 1, 3, 3, 3]),  # multi-token steps: ring wraps, flush of 2R after a big step
     (True, 8, 16, 16, 40, [1, 1, 17, 1]),
+    (True, 2, 8, 24, 30, [1] * 19 + [26, 1]),  # R = 3G (an odd count of groups), a 26-token step
+    (True, 4, 8, 64, 70, [1] * 58 + [67]),  # R = 8G, a 67-token step onto a full residual
     (False, 2, 8, 16, 7, [1] * 14),  # values: T < R at first, sliding window after
     (False, 4, 16, 16, 37, [3, 1, 5, 1]),
     (False, 8, 8, 8, 3, [2] * 9),
@@ -118,3 +121,33 @@ def test_one_launch_appends_keys_and_values_at_real_sizes(key_bits, value_bits, 
     key_spec, value_spec = CacheSpec(True, key_bits, 32, 128), CacheSpec(False, value_bits, 32, 128)
     run_fused_appends(key_spec, value_spec, batch=4, heads=8, key_dim=128, value_dim=128, dtype=dtype, prompt=301,
                       steps=[1] * 130 + [5, 1, 7])  # fmt: skip
+
+
+@pytest.mark.gpu
+@on_gpu
+def test_append_reaches_batch_rows_past_two_gigabytes():
+    """A key cache of 2**26 tokens a head, 2-bit: the second batch row's codes start 2**31 bytes in, past 32-bit
+    offsets. Its key flush and new token land where the reference puts them, and nowhere else."""
+    spec, batch, head_dim, residual_length = CacheSpec(True, 2, 32, 128), 2, 128, 128
+    quant_tokens = 1 << 26
+    big = allocate_buffers(torch.empty(batch, 1, 0, head_dim, dtype=torch.float16, device="cuda"), spec,
+                           quant_tokens, residual_length + 1)  # fmt: skip
+    assert big.codes[1].data_ptr() - big.codes.data_ptr() >= 1 << 31
+    residual = torch.randn(batch, 1, residual_length, head_dim, device="cuda", dtype=torch.float16)
+    big.residual[..., :residual_length, :] = residual
+    big.lengths.copy_(lengths_tensor(quant_tokens - residual_length, residual_length, 0, "cuda"))
+    small = allocate_buffers(residual, spec, residual_length, residual_length + 1)
+    small.residual[..., :residual_length, :] = residual
+    small.lengths.copy_(lengths_tensor(0, residual_length, 0, "cuda"))
+    new = torch.randn(batch, 1, 1, head_dim, device="cuda", dtype=torch.float16)
+
+    append_triton(big, new, spec.bits, spec.group_size, residual_length, spec.per_channel)
+    append_ref(small, new, spec.bits, spec.group_size, residual_length, spec.per_channel)
+
+    flushed_code_rows, flushed_scale_rows = small.codes.shape[-2], small.scales.shape[-2]
+    assert torch.equal(big.codes[..., -flushed_code_rows:, :], small.codes)
+    assert torch.equal(big.scales[..., -flushed_scale_rows:, :], small.scales)
+    assert torch.equal(big.mins[..., -flushed_scale_rows:, :], small.mins)
+    assert torch.equal(big.residual, small.residual)
+    assert not big.codes[..., :-flushed_code_rows, :].any() and not big.scales[..., :-flushed_scale_rows, :].any()
+    assert read_lengths(big) == (quant_tokens, 1, residual_length)
