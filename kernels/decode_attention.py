@@ -19,7 +19,7 @@ instead of two. Lengths are read on the device; ``S`` and the chunk are chosen f
 capacity so nothing waits for the host.
 
 For the common large decode step (float16, head_dim 128, 2- or 4-bit, G = 32, one token) the
-blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.7x
+blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.8x
 faster at 2 bits and 3.5x at 4 bits, B = 8, T = 32k on the H100), and this kernel only adds the
 rest of each sequence and combines it with the Gluon kernel's partials: two launches in all.
 """
@@ -853,7 +853,7 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity, narrow)
     partials = _partial_buffers(call, splits)
     mma_blocks.launch(call.q, call.key, call.value, call.key_bits, call.value_bits, call.mask, call.mask_kind,
-                      call.qk_scale, capacity, splits, splits, *partials)  # fmt: skip
+                      call.qk_scale, capacity, splits, splits, narrow, *partials)  # fmt: skip
 
     def tail(tile: triton.Config) -> None:
         _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)

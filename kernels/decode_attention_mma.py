@@ -453,10 +453,11 @@ def num_splits(programs: int, multiprocessors: int, quantized_capacity: int, nar
 
 def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
            mask: torch.Tensor | None, mask_kind: int, qk_scale: float, capacity: int, splits: int, num_partials: int,
-           acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
+           narrow: bool, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
     """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
     ``mask`` is ``[B, Hq, 1, T]`` (bool as uint8, ``mask_kind`` 1; additive, 2; None, 0), ``qk_scale`` in
-    log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken."""
+    log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken, as it has
+    ``narrow`` (:func:`narrow_index`), which chose the splits."""
     batch, q_heads = q.shape[:2]
     kv_heads = key.residual.shape[1]
     tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
@@ -473,5 +474,5 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
         ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, q_heads // kv_heads), num_warps=1,
+        VALUE_BITS=value_bits, NARROW_INDEX=narrow, num_warps=1,
     )  # fmt: skip

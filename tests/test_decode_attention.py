@@ -417,7 +417,7 @@ def test_the_gluon_kernel_needs_a_cuda_gpu():
 
 
 def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, capacity, splits, num_partials,
-                   acc, row_max, row_sum):  # fmt: skip
+                   narrow, acc, row_max, row_sum):  # fmt: skip
     """The Gluon kernel's contract, played by PyTorch for caches of 2 batch rows, 2 KV heads, D = 32 and
     G = 8: partial 0 of each KV head holds its blocks quantized on both sides, rounded down to 32 tokens;
     the other splits are empty."""
