@@ -93,10 +93,8 @@ def store_prefill_ref(
 # ---------------------------------------------------------------------------------------------
 
 # Every program of a step's append holds registers for the largest path it may take, flush or not, and
-# these tiles set how many programs fit on a multiprocessor. sm_90, ptxas of triton 3.6, 4 warps: a whole
-# [G, D] key tile and 16 new rows took 224 registers a thread (two programs per multiprocessor); 16
-# channels and 4 rows take 52 (nine).
-FLUSH_CHANNELS = tl.constexpr(16)  # channels of a key flush tile
+# they set how many programs fit on a multiprocessor: 40 to 48 a thread on sm_90 (ptxas of triton 3.6, 4 warps).
+KEY_FLUSH_ROWS = tl.constexpr(32)  # ring rows a thread loads back to back for a key group's min and max
 NEW_TOKENS_TILE = 4  # rows of the copy of new tokens into the ring (a decode step has one)
 
 
@@ -125,23 +123,53 @@ def round_to_dtype(x, dtype: tl.constexpr):
 
 
 @triton.jit
+def divide_rn(a, b):
+    """``a / b`` rounded as IEEE division rounds it, for ``b`` in [2**-90, 2**70] and a quotient that is 0 or
+    a normal float (what ``group_codes`` and float16 scales pass; tests/test_quantize_arithmetic.py checks
+    it next to every tie). Newton steps from the hardware's approximate reciprocal: division's fast path
+    without its slow-path branch, which kept ptxas from interleaving a thread's divisions."""
+    r = 1.0 / b
+    r = tl.fma(tl.fma(-b, r, 1.0), r, r)
+    q = a * r
+    q = tl.fma(tl.fma(-b, q, a), r, q)
+    return tl.fma(tl.fma(-b, q, a), r, q)
+
+
+@triton.jit
+def group_scale(group_min, group_max, BITS: tl.constexpr, scale_dtype: tl.constexpr):
+    """The stored min and scale of groups (float32, rounded to ``scale_dtype`` as the reference rounds them)."""
+    levels: tl.constexpr = 2**BITS - 1
+    group_min = round_to_dtype(group_min, scale_dtype)
+    if scale_dtype == tl.float16:
+        # A quotient too small for divide_rn (subnormal in float32) is 0 in float16 either way.
+        scale = divide_rn(group_max - group_min, float(levels))
+    else:
+        scale = tl.math.div_rn(group_max - group_min, float(levels))
+    return group_min, round_to_dtype(scale, scale_dtype)
+
+
+@triton.jit
+def group_codes(x, group_min, scale, BITS: tl.constexpr):
+    """Codes (int32) of ``x`` against its group's stored min and scale (broadcast to ``x``)."""
+    levels: tl.constexpr = 2**BITS - 1
+    # Powers of two keep the divisor in divide_rn's range without changing the quotient.
+    rescale = tl.where(scale < 2.0**-60, 2.0**64, tl.where(scale > 2.0**60, 2.0**-64, 1.0))
+    safe_scale = tl.where(scale > 0, scale * rescale, 1.0)
+    codes = round_half_even(divide_rn((x - group_min) * rescale, safe_scale))
+    codes = tl.minimum(tl.maximum(codes, 0.0), float(levels))
+    return tl.where(scale > 0, codes, 0.0).to(tl.int32)
+
+
+@triton.jit
 def quantize_groups(x, AXIS: tl.constexpr, BITS: tl.constexpr, scale_dtype: tl.constexpr):
     """Codes (int32, same shape as ``x``), scale and min (``scale_dtype``) of groups along ``AXIS``.
 
-    Mirrors ``quantize_ref`` operation by operation (IEEE division, stored-dtype rounding of the
-    min and scale before the codes are computed) so that codes match it exactly.
+    Mirrors ``quantize_ref`` operation by operation (divisions rounded as IEEE division rounds them,
+    stored-dtype rounding of the min and scale before the codes are computed) so that codes match it exactly.
     """
-    levels: tl.constexpr = 2**BITS - 1
-    group_min = round_to_dtype(tl.min(x, axis=AXIS), scale_dtype)
-    group_max = tl.max(x, axis=AXIS)
-    scale = round_to_dtype(tl.math.div_rn(group_max - group_min, float(levels)), scale_dtype)
-    min_f = tl.expand_dims(group_min, AXIS)
-    scale_f = tl.expand_dims(scale, AXIS)
-    safe_scale = tl.where(scale_f > 0, scale_f, 1.0)
-    codes = round_half_even(tl.math.div_rn(x - min_f, safe_scale))
-    codes = tl.minimum(tl.maximum(codes, 0.0), float(levels))
-    codes = tl.where(scale_f > 0, codes, 0.0)
-    return codes.to(tl.int32), scale.to(scale_dtype), group_min.to(scale_dtype)
+    group_min, scale = group_scale(tl.min(x, axis=AXIS), tl.max(x, axis=AXIS), BITS, scale_dtype)
+    codes = group_codes(x, tl.expand_dims(group_min, AXIS), tl.expand_dims(scale, AXIS), BITS)
+    return codes, scale.to(scale_dtype), group_min.to(scale_dtype)
 
 
 @triton.jit
@@ -153,32 +181,51 @@ def pack_lanes(codes, BITS: tl.constexpr):
 
 
 @triton.jit
+def ring_row(row, capacity):
+    """``row % capacity`` for ``row < 2 * capacity``."""
+    return tl.where(row >= capacity, row - capacity, row)
+
+
+@triton.jit
 def _flush_keys(
     residual_ptr, codes_ptr, scales_ptr, mins_ptr,
     stride_rt, stride_rd, stride_ct, stride_cd, stride_st, stride_sd,
     n_quant, start, capacity, n_flush,
     BITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):  # fmt: skip
-    """Quantize ``n_flush`` (a multiple of G) ring tokens per channel, G tokens per group, in tiles of
-    FLUSH_CHANNELS channels."""
+    """Quantize ``n_flush`` (a multiple of G) ring tokens per channel, G tokens per group.
+
+    Each thread holds whole channels and walks the group's tokens one row at a time (a row's load is
+    coalesced across threads): the min, max and byte packing along tokens stay in its registers, with no
+    exchange between threads. Tiles of tokens x channels had ptxas spend 6 barriers and ~370 instructions
+    on 4 elements a thread, 66 us a layer at B = 8 on the H100.
+    """
     lanes: tl.constexpr = 8 // BITS
     tl.static_assert(GROUP % lanes == 0)
-    width: tl.constexpr = FLUSH_CHANNELS if FLUSH_CHANNELS < HEAD_DIM else HEAD_DIM
-    tokens = tl.arange(0, GROUP)
-    byte_rows = tl.arange(0, GROUP // lanes)
+    rows_at_once: tl.constexpr = KEY_FLUSH_ROWS if KEY_FLUSH_ROWS < GROUP else GROUP
+    channels = tl.arange(0, HEAD_DIM)
+    residual_ptrs = residual_ptr + channels * stride_rd
     for group in range(0, n_flush // GROUP):
-        rows = (start + group * GROUP + tokens) % capacity
+        first_row = (start + group * GROUP) % capacity
+        group_min = tl.full([HEAD_DIM], float("inf"), tl.float32)
+        group_max = tl.full([HEAD_DIM], float("-inf"), tl.float32)
+        for chunk in range(0, GROUP, rows_at_once):
+            for token in tl.static_range(rows_at_once):
+                x = tl.load(residual_ptrs + ring_row(first_row + chunk + token, capacity) * stride_rt).to(tl.float32)
+                group_min = tl.minimum(group_min, x)
+                group_max = tl.maximum(group_max, x)
+        group_min, scale = group_scale(group_min, group_max, BITS, scales_ptr.dtype.element_ty)
         code_row = (n_quant + group * GROUP) // lanes
+        for byte in range(GROUP // lanes):
+            packed = tl.zeros([HEAD_DIM], tl.int32)
+            for lane in tl.static_range(lanes):
+                row = ring_row(first_row + byte * lanes + lane, capacity)
+                x = tl.load(residual_ptrs + row * stride_rt).to(tl.float32)
+                packed |= group_codes(x, group_min, scale, BITS) << (lane * BITS)
+            tl.store(codes_ptr + (code_row + byte) * stride_ct + channels * stride_cd, packed.to(tl.uint8))
         scale_row = (n_quant + group * GROUP) // GROUP
-        for first_channel in range(0, HEAD_DIM, width):
-            channels = first_channel + tl.arange(0, width)
-            x = tl.load(residual_ptr + rows[:, None] * stride_rt + channels[None, :] * stride_rd).to(tl.float32)
-            codes, scale, group_min = quantize_groups(x, 0, BITS, scales_ptr.dtype.element_ty)
-            by_lane = tl.permute(tl.reshape(codes, (GROUP // lanes, lanes, width)), (0, 2, 1))
-            tl.store(codes_ptr + (code_row + byte_rows)[:, None] * stride_ct + channels[None, :] * stride_cd,
-                     pack_lanes(by_lane, BITS))  # fmt: skip
-            tl.store(scales_ptr + scale_row * stride_st + channels * stride_sd, scale)
-            tl.store(mins_ptr + scale_row * stride_st + channels * stride_sd, group_min)
+        tl.store(scales_ptr + scale_row * stride_st + channels * stride_sd, scale.to(scales_ptr.dtype.element_ty))
+        tl.store(mins_ptr + scale_row * stride_st + channels * stride_sd, group_min.to(mins_ptr.dtype.element_ty))
 
 
 @triton.jit
