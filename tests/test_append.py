@@ -125,6 +125,16 @@ def test_one_launch_appends_keys_and_values_at_real_sizes(key_bits, value_bits, 
 
 @pytest.mark.gpu
 @on_gpu
+def test_one_launch_keeps_the_lengths_across_many_programs_and_steps():
+    """The ticket protocol at a large grid: 6,144 programs a cache (B = 192, H = 32), 260 steps with two key
+    flushes; the lengths and every buffer equal the reference's after each step."""
+    key_spec, value_spec = CacheSpec(True, 2, 32, 128), CacheSpec(False, 2, 32, 128)
+    run_fused_appends(key_spec, value_spec, batch=192, heads=32, key_dim=128, value_dim=128, dtype=torch.float16,
+                      prompt=200, steps=[1] * 260)  # fmt: skip
+
+
+@pytest.mark.gpu
+@on_gpu
 def test_append_reaches_batch_rows_past_two_gigabytes():
     """A key cache of 2**26 tokens a head, 2-bit: the second batch row's codes start 2**31 bytes in, past 32-bit
     offsets. Its key flush and new token land where the reference puts them, and nowhere else."""
