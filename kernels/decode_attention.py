@@ -70,6 +70,7 @@ def attention_over_dense_ref(
         causal = torch.ones(q_len, seq_len, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, float("-inf"))
     if attn_mask is not None:
+        attn_mask = attn_mask[..., :seq_len]  # a step's mask buffer may be wider than the cache
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
@@ -716,7 +717,9 @@ def decode_attention_triton(
     Args:
         q: ``[B, Hq, n, D]`` float16/bfloat16/float32, ``n * Hq / Hkv <= 64``, D a power of two.
         key, value: the cache's buffers (``[B, Hkv, ...]``); lengths are read on the device.
-        attn_mask: bool or additive, broadcastable to ``[B, Hq, n, T]`` with T the cache length.
+        attn_mask: bool or additive, broadcastable to ``[B, Hq, n, T']`` with ``T' >= T``, the cache
+            length; columns past T are not read (a recorded step's mask buffer is as wide as the
+            cache's capacity).
         out: optional ``[B, Hq, n, D]`` tensor to write into.
     Returns:
         ``[B, Hq, n, D]`` in ``q``'s dtype.

@@ -27,8 +27,11 @@ aten = torch.ops.aten
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # Capacity grows by 1/16 of itself (at least what is needed): amortized O(new tokens) per append
-# while the cache never holds more than ~6% above its packed size.
+# while the cache never holds more than ~6% above its packed size. A small cache (small batches,
+# where decode steps replay from CUDA graphs) doubles instead while that adds at most 4 MiB: each
+# growth moves the buffers, after which the step is recorded again.
 _GROWTH_DIVISOR = 16
+_SMALL_GROWTH_BYTES = 4 * 2**20
 
 
 class KiviCacheTensor(torch.Tensor):
@@ -274,7 +277,9 @@ def _grown(kv: QuantizedKV, spec: CacheSpec, quant_tokens: int, residual_tokens:
     """Copy ``kv`` into buffers with room for the required tokens, growing geometrically."""
     quant_capacity = kv.codes.shape[-2] * tokens_per_code_row(spec.per_channel, spec.bits)
     if quant_tokens > quant_capacity:
-        quant_tokens = max(quant_tokens, quant_capacity + quant_capacity // _GROWTH_DIVISOR)
+        bytes_per_token = sum(t.numel() * t.element_size() for t in (kv.codes, kv.scales, kv.mins)) / quant_capacity
+        doubling = min(quant_capacity, int(_SMALL_GROWTH_BYTES // bytes_per_token))
+        quant_tokens = max(quant_tokens, quant_capacity + max(quant_capacity // _GROWTH_DIVISOR, doubling))
     else:
         quant_tokens = quant_capacity
     residual_tokens = max(residual_tokens, kv.residual.shape[-2])

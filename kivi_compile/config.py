@@ -42,6 +42,9 @@ class KiviConfig:
         compiler: ``"inductor"`` compiles the rewritten graph; ``"eager"`` runs it as is.
         per_channel_keys: KIVI groups keys per channel; False groups them per token like values
             (the paper's ablation, worse on outlier channels; for comparisons only).
+        cuda_graphs: replay each decode step from a CUDA graph, recorded once per cache capacity
+            (on CUDA; elsewhere the step runs the same split graphs directly). Small batches wait
+            on the host, not the GPU; a replay is one launch.
     """
 
     key_bits: int = 2
@@ -50,6 +53,7 @@ class KiviConfig:
     residual_length: int = 128
     compiler: Compiler = Compiler.INDUCTOR
     per_channel_keys: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("key_bits", "value_bits"):

@@ -11,7 +11,9 @@ from torch.fx import GraphModule
 
 from kivi_compile.config import Compiler, KiviConfig
 from kivi_compile.passes import RewriteResult, rewrite_kv_attention
+from kivi_compile.passes.step_split import split_step
 from kivi_compile.runtime import KiviGraphRuntime
+from kivi_compile.step_graphs import StepGraphs
 
 log = logging.getLogger("kivi_compile")
 
@@ -41,6 +43,8 @@ class KiviBackend:
             # A KIVI cache input the pass could not rewrite: its tensor subclass dequantizes for
             # whatever the graph does with it, which only runs eagerly.
             compiled = result.graph_module.forward
+        elif result.plan.new_tokens and self.config.cuda_graphs:
+            compiled = self._step_graphs(result)
         else:
             compiled = self._compile(result.graph_module, result.example_inputs)
         if not result.plan.new_tokens and all(slot.kind == "graph" for slot in result.plan.outputs):
@@ -53,6 +57,21 @@ class KiviBackend:
         from torch._inductor.compile_fx import compile_fx
 
         return compile_fx(gm, example_inputs)
+
+    def _step_graphs(self, result: RewriteResult) -> Callable[..., Any]:
+        """A decode step split for CUDA-graph replay, or the whole graph compiled when it cannot be."""
+        split = split_step(result.graph_module, result.example_inputs)
+        if isinstance(split, str):
+            result.step_graph = f"decode step not split for CUDA graphs: {split}"
+            log.info(result.step_graph)
+            return self._compile(result.graph_module, result.example_inputs)
+        on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in result.example_inputs)
+        runner = StepGraphs(split, self._compile(split.body, split.body_example_inputs), record=on_cuda)
+        result.step_graph = "decode step replays from CUDA graphs" if on_cuda else (
+            "decode step split for CUDA graphs (run directly: not on CUDA)"
+        )
+        result.step_runner = runner
+        return runner
 
     def _log(self, result: RewriteResult) -> None:
         for site in result.sites:

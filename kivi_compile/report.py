@@ -103,6 +103,7 @@ class GraphReport:
     code_before: str
     code_after: str
     sites: tuple[SiteReport, ...]
+    step_graph: str = ""  # decode graphs: whether the step replays from CUDA graphs, or why not
 
     @property
     def phase(self) -> str:
@@ -144,6 +145,7 @@ class Report:
                 result.code_before,
                 result.graph_module.code,
                 tuple(SiteReport.from_record(index, record, backend.config) for record in result.sites),
+                result.step_graph,
             )
             for index, result in enumerate(backend.results)
         )
@@ -196,6 +198,8 @@ class Report:
                 fp16 = sum(site.fp16_bytes_per_token for site in rewritten)
                 kivi = sum(site.kivi_bytes_per_token for site in rewritten)
                 line += f"; K/V cache per token over them: fp16 {fp16} B, KIVI {kivi} B ({fp16 / kivi:.1f}x smaller)"
+            if graph.step_graph:
+                line += f"; {graph.step_graph}"
             lines.append(line)
         return lines
 
@@ -227,6 +231,7 @@ class Report:
                 "code_before": graph.code_before,
                 "code_after": graph.code_after,
                 "sites": [dataclasses.asdict(site) for site in graph.sites],
+                "step_graph": graph.step_graph,
             }
             for graph in self.graphs
         ]
@@ -241,7 +246,7 @@ class Report:
         graphs = tuple(
             GraphReport(
                 graph["index"], graph["code_before"], graph["code_after"],
-                tuple(SiteReport(**site) for site in graph["sites"]),
+                tuple(SiteReport(**site) for site in graph["sites"]), graph.get("step_graph", ""),
             )  # fmt: skip
             for graph in data["graphs"]
         )

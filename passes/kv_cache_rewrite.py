@@ -82,6 +82,8 @@ class RewriteResult:
     plan: CallPlan
     sites: list[SiteRecord]
     unflattened_caches: list[str]  # KiviCacheTensor placeholders left as subclass inputs
+    step_graph: str = ""  # decode graphs: whether the step is split for CUDA-graph replay, or why not
+    step_runner: Any = None  # the ``StepGraphs`` running a split step (its recordings are counted there)
 
     @property
     def rewritten(self) -> int:

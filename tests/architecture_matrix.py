@@ -58,6 +58,7 @@ class MatrixRow:
     graphs_kivi: int
     graphs_plain: int
     max_error: float
+    step_split: str  # "yes", or why the decode step is not split for CUDA graphs ("-": no KIVI decode)
 
 
 def tiny_family_model(model_type: str, overrides: dict) -> torch.nn.Module:
@@ -121,7 +122,15 @@ def run_family(family: str) -> MatrixRow:
         graphs_kivi=backend.graphs_compiled,
         graphs_plain=plain_graphs,
         max_error=error,
+        step_split=_step_split(decode),
     )
+
+
+def _step_split(decode_results: list) -> str:
+    steps = {result.step_graph for result in decode_results if result.step_graph}
+    if not steps:
+        return "-"
+    return "yes" if all(result.step_runner is not None for result in decode_results) else "; ".join(sorted(steps))
 
 
 def main() -> None:
@@ -131,8 +140,9 @@ def main() -> None:
     for family in FAMILIES:
         row = run_family(family)
         rows.append([row.family, row.sites, row.rewritten, row.reasons, f"{row.graphs_kivi} / {row.graphs_plain}",
-                     f"{row.max_error:.1e}"])  # fmt: skip
-    headers = ["family", "sites", "rewritten", "reason (if not all)", "graphs kivi / plain", "max logit error"]
+                     row.step_split, f"{row.max_error:.1e}"])  # fmt: skip
+    headers = ["family", "sites", "rewritten", "reason (if not all)", "graphs kivi / plain",
+               "decode step split for CUDA graphs", "max logit error"]  # fmt: skip
     print(f"K{MATRIX_CONFIG.key_bits}V{MATRIX_CONFIG.value_bits} G={MATRIX_CONFIG.group_size} "
           f"R={MATRIX_CONFIG.residual_length}, fp32, prompt {PROMPT_LEN}, {NEW_TOKENS} new tokens, "
           f"torch {torch.__version__}")  # fmt: skip

@@ -1,5 +1,6 @@
-"""Every family in the architecture matrix: sites found and rewritten, no new graph breaks, and
-decode logits equal to the independent KIVI simulation (fp32, 1e-4 relative)."""
+"""Every family in the architecture matrix: sites found and rewritten, the decode step split for
+CUDA graphs, no new graph breaks, and decode logits equal to the independent KIVI simulation (fp32,
+1e-4 relative)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ def test_family(family):
         assert row.rewritten == 0 and UNREWRITTEN[family] in row.reasons
     else:
         assert row.rewritten == row.sites and row.reasons == "-"
+        assert row.step_split == "yes"  # the decode step splits for CUDA graphs
     assert row.graphs_kivi <= row.graphs_plain  # no new graph breaks or recompiles
     assert row.max_error <= 1e-4
 

@@ -7,6 +7,7 @@ import torch
 from kivi_helpers import fake_quant
 
 from kivi_compile import KiviCacheTensor, KiviConfig
+from kivi_compile import cache as cache_module
 from kivi_compile.kernels.cache_layout import read_lengths
 
 R, G = 32, 8
@@ -86,9 +87,31 @@ def test_growth_frees_the_old_buffers():
     torch.testing.assert_close(grown.dequantize(), expected_dense(history, spec, n_quant), rtol=0, atol=1e-6)
 
 
+def _growths(spec, tokens: int) -> int:
+    cache = KiviCacheTensor.from_dense(torch.randn(1, 2, 40, 16), spec)
+    rows = {cache.codes.shape[-2]}
+    for _ in range(tokens - 40):
+        cache = torch.cat([cache, torch.randn(1, 2, 1, 16)], dim=-2)
+        rows.add(cache.codes.shape[-2])
+    return len(rows) - 1
+
+
+@pytest.mark.parametrize("spec", [CONFIG.key_spec(), CONFIG.value_spec()], ids=["keys", "values"])
+def test_small_caches_double_so_recorded_steps_are_rarely_recorded_again(spec, monkeypatch):
+    """Each growth moves the buffers (a CUDA-graph step is recorded again): a cache whose doubling
+    adds at most 4 MiB doubles; larger ones grow by 1/16 (here: a 64-byte allowance)."""
+    doubling = _growths(spec, 1300)
+    monkeypatch.setattr(cache_module, "_SMALL_GROWTH_BYTES", 64)
+    sixteenths = _growths(spec, 1300)
+    print(f"{spec.role}: {doubling} growths doubling, {sixteenths} by 1/16")
+    assert doubling <= 7 and sixteenths >= 4 * doubling  # from 2 groups (16 tokens) to 1300: 2^7 = 128x
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("tokens", [3 * 128, 1000, 4099])
-def test_memory_held_is_the_packed_size(dtype, tokens):
+def test_memory_held_is_the_packed_size(dtype, tokens, monkeypatch):
+    """Caches growing by 1/16 (the rule past the small caches' 4 MiB of doubling, set to 0 here)."""
+    monkeypatch.setattr(cache_module, "_SMALL_GROWTH_BYTES", 0)
     batch, heads, head_dim = 2, 4, 64
     config = KiviConfig(group_size=32, residual_length=128)
     total, dense_bytes = 0, 0

@@ -73,7 +73,8 @@ def test_json_report_parses_round_trips_and_carries_the_config(capsys):
     data = json.loads(out)
     assert Report.from_dict(data).to_dict() == data
     assert data["config"] == dict(
-        key_bits=4, value_bits=2, group_size=16, residual_length=32, compiler="eager", per_channel_keys=False
+        key_bits=4, value_bits=2, group_size=16, residual_length=32, compiler="eager", per_channel_keys=False,
+        cuda_graphs=True,
     )
     (decode,) = data["graphs"][1]["sites"]
     # 2 KV heads x 32: codes 64 x (4 + 2) / 8 = 48 bytes; keys 64 x 2 x 2 / 16 = 16; values 2 x 2 groups x 4 = 16.

@@ -60,7 +60,8 @@ def test_llama_prefill_and_decode_sites():
     assert [line.split()[-4:] for line in table.splitlines()[2:]] == [["yes", "256", "48", "-"]] * 4
     assert report.summary()[1] == (
         "graph 1 (decode): 2 of 2 attention site(s) rewritten; "
-        "K/V cache per token over them: fp16 512 B, KIVI 96 B (5.3x smaller)"
+        "K/V cache per token over them: fp16 512 B, KIVI 96 B (5.3x smaller); "
+        "decode step split for CUDA graphs (run directly: not on CUDA)"
     )
 
     diff = report.diff()
@@ -146,7 +147,8 @@ def test_json_round_trip_markdown_and_colour():
     data = json.loads(json.dumps(report.to_dict()))
     assert Report.from_dict(data) == report
     assert data["config"] == dict(
-        key_bits=2, value_bits=2, group_size=32, residual_length=32, compiler="eager", per_channel_keys=True
+        key_bits=2, value_bits=2, group_size=32, residual_length=32, compiler="eager", per_channel_keys=True,
+        cuda_graphs=True,
     )
     assert data["graphs"][1]["sites"][0]["kivi_bytes_per_token"] == 48
     with pytest.raises(ValueError, match="report version 99"):

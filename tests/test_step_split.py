@@ -1,0 +1,113 @@
+"""The decode step split for CUDA graphs (``passes/step_split.py``, ``step_graphs.py``), on CPU.
+
+Off CUDA the split step runs directly: the prologue, the masks padded to the cache's capacity, then
+the body, exactly what a replay feeds its recording. It must give the logits of the unsplit graph.
+(Recording and replay themselves are compared on the GPU in ``test_gpu_end_to_end.py``.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from kivi_helpers import tiny_model
+from transformers import DynamicCache
+
+import kivi_compile
+from kivi_compile import KiviConfig
+from kivi_compile.transformers_names import cache_keyword
+
+CONFIG = KiviConfig(group_size=32, residual_length=32, compiler="eager")
+
+
+def _compiled(model, config):
+    torch._dynamo.reset()
+    backend = kivi_compile.backend(config)
+    return torch.compile(model.forward, backend=backend), backend
+
+
+def _split_runners(backend):
+    return [result.step_runner for result in backend.results if result.step_runner is not None]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_split_generate_gives_the_unsplit_logits(family):
+    """Left-padded batch, cache growths and key flushes: the split steps match the whole graph."""
+    model = tiny_model(family)
+    prompt = torch.randint(1, model.config.vocab_size, (3, 41))
+    mask = torch.ones_like(prompt)
+    mask[1, :6], mask[2, :29] = 0, 0
+    outputs = {}
+    for cuda_graphs in (True, False):
+        forward, backend = _compiled(model, dataclasses.replace(CONFIG, cuda_graphs=cuda_graphs))
+        model.forward = forward
+        try:
+            outputs[cuda_graphs] = model.generate(
+                prompt, attention_mask=mask, max_new_tokens=70, min_new_tokens=70, do_sample=False, pad_token_id=0,
+                output_logits=True, return_dict_in_generate=True,
+            )  # fmt: skip
+        finally:
+            del model.forward
+        runners = _split_runners(backend)
+        assert len(runners) == (1 if cuda_graphs else 0)
+        if cuda_graphs:
+            (runner,) = runners
+            split = runner.split
+            # The prologue builds the mask from the 2-D padding mask and the past length; the body
+            # takes it padded, and none of the step's sizes.
+            assert split.masks and runner.not_recorded == "not on CUDA" and runner.recordings_made == 0
+            decode = next(r for r in backend.results if r.step_runner is runner)
+            assert decode.step_graph == "decode step split for CUDA graphs (run directly: not on CUDA)"
+            body_inputs = [n for n in split.body.graph.nodes if n.op == "placeholder"]
+            assert not any(isinstance(n.meta.get("example_value", n.meta.get("val")), torch.SymInt) for n in body_inputs)
+    errors = [(a - b).abs().max().item() for a, b in zip(outputs[True].logits, outputs[False].logits)]
+    print(f"{family}: {len(errors)} steps, largest logit difference {max(errors):.2e}")
+    assert torch.equal(outputs[True].sequences, outputs[False].sequences)
+    assert max(errors) <= 1e-5
+
+
+def test_positions_from_the_cache_length_are_copied_into_the_body():
+    """Without ``position_ids`` the model derives the step's positions from the past length: a
+    constant-shaped tensor computed in the prologue, handed to the body as an input."""
+    model = tiny_model("llama")
+    sequence = torch.randint(1, model.config.vocab_size, (2, 60))
+    logits = {}
+    for cuda_graphs in (True, False):
+        forward, backend = _compiled(model, dataclasses.replace(CONFIG, cuda_graphs=cuda_graphs))
+        cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}
+        with torch.no_grad():
+            steps = [forward(sequence[:, :40], **cache).logits[:, -1]]
+            steps += [forward(sequence[:, t : t + 1], **cache).logits[:, -1] for t in range(40, 60)]
+        logits[cuda_graphs] = torch.stack(steps)
+        if cuda_graphs:
+            (runner,) = _split_runners(backend)
+            copied = [i for i in range(len(runner.split.body_example_inputs)) if i >= len(runner.split.body_inputs)]
+            assert len(copied) > len(runner.split.masks)  # the mask(s) and the positions
+    print(f"largest logit difference {(logits[True] - logits[False]).abs().max().item():.2e}")
+    torch.testing.assert_close(logits[True], logits[False], rtol=0, atol=1e-5)
+
+
+def test_wider_mask_columns_are_not_read():
+    """The op's contract for padded masks: columns past the cache's tokens change nothing."""
+    model = tiny_model("llama")
+    prompt = torch.randint(1, model.config.vocab_size, (2, 37))
+    forward, backend = _compiled(model, CONFIG)
+    cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}
+    with torch.no_grad():
+        forward(prompt, **cache)
+        step = forward(prompt[:, -1:], **cache)
+    (runner,) = _split_runners(backend)
+    layer = cache[cache_keyword(model.forward)].layers[0]
+    q = torch.randn(2, 4, 1, 32)
+    narrow = torch.rand(2, 1, 1, layer.keys.shape[-2]) > 0.3
+    narrow[..., 0] = True
+    wide = torch.cat([narrow, torch.rand(2, 1, 1, 50) > 0.5], dim=-1)
+    spec = CONFIG.key_spec()
+    outs = [
+        torch.ops.kivi.decode_attention(q, *layer.keys.kv, *layer.values.kv, mask, None, False, spec.bits,
+                                        spec.bits, spec.group_size, True)  # fmt: skip
+        for mask in (narrow, wide)
+    ]
+    assert torch.isfinite(step.logits).all() and runner.split.masks
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
