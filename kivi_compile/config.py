@@ -42,9 +42,10 @@ class KiviConfig:
         compiler: ``"inductor"`` compiles the rewritten graph; ``"eager"`` runs it as is.
         per_channel_keys: KIVI groups keys per channel; False groups them per token like values
             (the paper's ablation, worse on outlier channels; for comparisons only).
-        cuda_graphs: replay each decode step from a CUDA graph, recorded once per cache capacity
-            (on CUDA; elsewhere the step runs the same split graphs directly). Small batches wait
-            on the host, not the GPU; a replay is one launch.
+        cuda_graphs: replay each decode step from a CUDA graph, recorded once per cache capacity,
+            when the step is host-bound (on CUDA, batch x KV heads <= 4096; elsewhere the step runs
+            the same split graphs directly). Small batches wait on the host, not the GPU; a replay
+            is one launch.
     """
 
     key_bits: int = 2

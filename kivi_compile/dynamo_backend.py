@@ -67,7 +67,7 @@ class KiviBackend:
             return self._compile(result.graph_module, result.example_inputs)
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in result.example_inputs)
         runner = StepGraphs(split, self._compile(split.body, split.body_example_inputs), record=on_cuda)
-        result.step_graph = "decode step replays from CUDA graphs" if on_cuda else (
+        result.step_graph = "decode step split for CUDA graphs (recorded while host-bound)" if on_cuda else (
             "decode step split for CUDA graphs (run directly: not on CUDA)"
         )
         result.step_runner = runner

@@ -92,12 +92,11 @@ def test_wider_mask_columns_are_not_read():
     """The op's contract for padded masks: columns past the cache's tokens change nothing."""
     model = tiny_model("llama")
     prompt = torch.randint(1, model.config.vocab_size, (2, 37))
-    forward, backend = _compiled(model, CONFIG)
+    forward, _ = _compiled(model, CONFIG)
     cache = {cache_keyword(model.forward): DynamicCache(config=model.config)}
-    with torch.no_grad():
+    with torch.no_grad():  # a real KIVI cache: prefill, then one decode step
         forward(prompt, **cache)
-        step = forward(prompt[:, -1:], **cache)
-    (runner,) = _split_runners(backend)
+        forward(prompt[:, -1:], **cache)
     layer = cache[cache_keyword(model.forward)].layers[0]
     q = torch.randn(2, 4, 1, 32)
     narrow = torch.rand(2, 1, 1, layer.keys.shape[-2]) > 0.3
@@ -109,5 +108,5 @@ def test_wider_mask_columns_are_not_read():
                                         spec.bits, spec.group_size, True)  # fmt: skip
         for mask in (narrow, wide)
     ]
-    assert torch.isfinite(step.logits).all() and runner.split.masks
+    assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
