@@ -50,13 +50,12 @@ class _Recording:
     ) -> None:
         self.held_positions = sorted(in_place)
         self.held = [args[i] for i in self.held_positions]
-        self.inputs = [
-            arg.clone() if isinstance(arg, torch.Tensor) and i not in in_place else arg for i, arg in enumerate(args)
-        ]
         copied = [i for i, arg in enumerate(args) if isinstance(arg, torch.Tensor) and i not in in_place]
+        self.inputs = list(args)
+        for i in copied:
+            self.inputs[i] = args[i].clone()
         self.copied = [i for i in copied if i not in masks]
         self.masks = [i for i in copied if i in masks]
-        self.mask_width = self.inputs[self.masks[0]].shape[-1] if self.masks else None
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
             self.outputs = list(body(*self.inputs))
@@ -64,10 +63,9 @@ class _Recording:
     def fits(self, args: list[Any], mask_width: int) -> bool:
         """``args`` (masks not padded yet) can be copied into this recording's buffers."""
         return (
-            mask_width == (self.mask_width or mask_width)
-            and all(map(operator.is_, (args[i] for i in self.held_positions), self.held))
+            all(map(operator.is_, (args[i] for i in self.held_positions), self.held))
             and all(args[i].shape == self.inputs[i].shape for i in self.copied)
-            and all(args[i].shape[:-1] == self.inputs[i].shape[:-1] for i in self.masks)
+            and all(self.inputs[i].shape == (*args[i].shape[:-1], mask_width) for i in self.masks)
         )
 
     def replay(self, args: list[Any]) -> list[Any]:
@@ -97,12 +95,16 @@ class StepGraphs:
         self._pool = None
         self._warmed = False  # a step ran (compiling and tuning what runs once)
         self._host_bound_steps = 0  # timed steps that kept the GPU waiting on the host
-        self._host_bound = False  # enough of them: record
         first_result = len(split.body_inputs)
         self._mask_positions = {first_result + i for i in split.masks}
         self._in_place = split.held_inputs | {
             i for i, example in enumerate(split.body_example_inputs[:first_result]) if _is_weight(example)
         }
+
+    @property
+    def _host_bound(self) -> bool:
+        """Enough timed steps kept the GPU waiting on the host: record."""
+        return self._host_bound_steps >= HOST_BOUND_STEPS
 
     def __call__(self, *args: Any) -> list[Any]:
         split = self.split
@@ -146,7 +148,6 @@ class StepGraphs:
             log.info("decode step not recorded in a CUDA graph: %s", self.not_recorded)
         else:
             self._host_bound_steps += 1
-            self._host_bound = self._host_bound_steps >= HOST_BOUND_STEPS
         return outputs
 
     def _record(self, body_args: list[Any]) -> None:

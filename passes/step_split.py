@@ -68,12 +68,17 @@ class StepSplit:
     def mask_width(self, args: Sequence[Any]) -> int:
         """The tokens the cache buffers in ``args`` can hold: at least those of this step."""
         codes, residual, tokens_per_row = self.capacity_source
-        return args[codes].shape[-2] * tokens_per_row + args[residual].shape[-2]
+        return _token_capacity(args[codes], args[residual], tokens_per_row)
 
     def batch_heads(self, args: Sequence[Any]) -> int:
         """Batch x KV heads of the cache buffers in ``args``: how large the step is."""
         codes = args[self.capacity_source[0]]
         return codes.shape[0] * codes.shape[1]
+
+
+def _token_capacity(codes: Any, residual: Any, tokens_per_row: int) -> Any:
+    """Tokens a cache's buffers hold (an int, or a SymInt for fake buffers)."""
+    return codes.shape[-2] * tokens_per_row + residual.shape[-2]
 
 
 def _free_symbols(value: Any) -> set[sympy.Symbol]:
@@ -150,7 +155,7 @@ def split_step(gm: GraphModule, example_inputs: Sequence[Any]) -> StepSplit | st
         return "the attention mask depends on a node with side effects, which the prologue would run again"
     key_codes, key_residual = attentions[0].args[_KEY_CODES], attentions[0].args[_KEY_RESIDUAL]
     tokens_per_row = tokens_per_code_row(attentions[0].args[_KEY_PER_CHANNEL], attentions[0].args[_KEY_BITS])
-    mask_width = fake_value(key_codes).shape[-2] * tokens_per_row + fake_value(key_residual).shape[-2]
+    mask_width = _token_capacity(fake_value(key_codes), fake_value(key_residual), tokens_per_row)
     prologue, prologue_inputs = _prologue(graph, placeholders, on_step_side | constants, results)
     body, body_inputs, body_examples = _body(
         gm, example_inputs, outputs, results, masks, mask_width, on_step_side | constants

@@ -117,15 +117,20 @@ def simulated_cache(
 
 
 def greedy_output(
-    model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, cache: DynamicCache | None = None, **kwargs
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    new_tokens: int,
+    cache: DynamicCache | None = None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
 ):
     """``generate``'s whole output for greedy generation of exactly ``new_tokens`` (logits kept),
-    starting from ``cache`` when given."""
+    starting from ``cache`` when given; no padding unless ``attention_mask`` says so."""
     if cache is not None:
         kwargs[cache_keyword(model.forward)] = cache
     return model.generate(
         input_ids,
-        attention_mask=torch.ones_like(input_ids),
+        attention_mask=torch.ones_like(input_ids) if attention_mask is None else attention_mask,
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         do_sample=False,
@@ -140,6 +145,22 @@ def greedy(model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, **k
     """Greedy generation returning (tokens, per-step logits [steps, B, V])."""
     out = greedy_output(model, input_ids, new_tokens, **kwargs)
     return out.sequences, torch.stack(out.logits)
+
+
+def compiled_greedy_output(
+    model: torch.nn.Module, input_ids: torch.Tensor, new_tokens: int, config: KiviConfig, **kwargs
+) -> tuple[object, kivi_compile.KiviBackend]:
+    """``greedy_output`` through ``torch.compile`` with a fresh KIVI backend, and that backend.
+    Dynamo starts afresh and the model's forward is put back afterwards."""
+    torch._dynamo.reset()
+    backend = kivi_compile.backend(config)
+    eager_forward = model.forward
+    model.forward = torch.compile(eager_forward, backend=backend)
+    try:
+        return greedy_output(model, input_ids, new_tokens, **kwargs), backend
+    finally:
+        model.forward = eager_forward
+        torch._dynamo.reset()
 
 
 class SimulationComparison(NamedTuple):

@@ -7,9 +7,8 @@ import dataclasses
 
 import pytest
 import torch
-from kivi_helpers import compiled_against_simulation, relative_error, tiny_model
+from kivi_helpers import compiled_against_simulation, compiled_greedy_output, relative_error, tiny_model
 
-import kivi_compile
 from kivi_compile import KiviCacheTensor, KiviConfig
 
 pytestmark = [
@@ -35,20 +34,6 @@ def test_inductor_on_cuda_follows_the_simulation(family, dtype, bits):
     assert isinstance(cache, KiviCacheTensor) and cache.codes.is_cuda
 
 
-def _greedy_logits(model, prompt, mask, config, new_tokens):
-    torch._dynamo.reset()
-    backend = kivi_compile.backend(config)
-    eager_forward = model.forward
-    model.forward = torch.compile(eager_forward, backend=backend)
-    try:
-        out = model.generate(prompt, attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)  # fmt: skip
-    finally:
-        model.forward = eager_forward
-        torch._dynamo.reset()
-    return out, backend
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_graph_replay_matches_the_unrecorded_step(dtype):
     """Replayed steps give the logits of the same split graphs run directly, across cache growths,
@@ -60,8 +45,10 @@ def test_cuda_graph_replay_matches_the_unrecorded_step(dtype):
     mask[1, :5] = 0
     mask[2, :30] = 0
     new_tokens = 200
-    recorded, recorded_backend = _greedy_logits(model, prompt, mask, config, new_tokens)
-    direct, _ = _greedy_logits(model, prompt, mask, dataclasses.replace(config, cuda_graphs=False), new_tokens)
+    recorded, recorded_backend = compiled_greedy_output(model, prompt, new_tokens, config, attention_mask=mask)
+    direct, _ = compiled_greedy_output(
+        model, prompt, new_tokens, dataclasses.replace(config, cuda_graphs=False), attention_mask=mask
+    )
     runners = [r.step_runner for r in recorded_backend.results if r.step_runner is not None]
     errors = [relative_error(a, b) for a, b in zip(recorded.logits, direct.logits)]
     print(f"{dtype}: recordings {[r.recordings_made for r in runners]}, steps {len(errors)}, "

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from kivi_helpers import tiny_model
+from kivi_helpers import compiled_greedy_output, tiny_model
 from transformers import DynamicCache
 
 import kivi_compile
@@ -40,15 +40,8 @@ def test_split_generate_gives_the_unsplit_logits(family):
     mask[1, :6], mask[2, :29] = 0, 0
     outputs = {}
     for cuda_graphs in (True, False):
-        forward, backend = _compiled(model, dataclasses.replace(CONFIG, cuda_graphs=cuda_graphs))
-        model.forward = forward
-        try:
-            outputs[cuda_graphs] = model.generate(
-                prompt, attention_mask=mask, max_new_tokens=70, min_new_tokens=70, do_sample=False, pad_token_id=0,
-                output_logits=True, return_dict_in_generate=True,
-            )  # fmt: skip
-        finally:
-            del model.forward
+        config = dataclasses.replace(CONFIG, cuda_graphs=cuda_graphs)
+        outputs[cuda_graphs], backend = compiled_greedy_output(model, prompt, 70, config, attention_mask=mask)
         runners = _split_runners(backend)
         assert len(runners) == (1 if cuda_graphs else 0)
         if cuda_graphs:
