@@ -61,6 +61,9 @@ class KiviConfig:
             bits = getattr(self, name)
             if bits not in SUPPORTED_BITS:
                 raise ValueError(f"KiviConfig.{name}={bits!r}: must be one of {SUPPORTED_BITS}")
+        for name in ("per_channel_keys", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KiviConfig.{name}={getattr(self, name)!r}: must be True or False")
         for name in ("group_size", "residual_length"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:

@@ -23,6 +23,8 @@ def test_defaults_are_k2v2_g32_r128_inductor():
         (dict(group_size=6, residual_length=12), r"group_size=6: must be a multiple of 4"),
         (dict(group_size=32, residual_length=48), r"residual_length=48: must be a multiple of group_size=32"),
         (dict(compiler="tvm"), r"compiler='tvm': must be one of"),
+        (dict(cuda_graphs="no"), r"cuda_graphs='no': must be True or False"),
+        (dict(per_channel_keys=1), r"per_channel_keys=1: must be True or False"),
     ],
 )
 def test_bad_config_names_the_field_and_the_rule(fields, message):
