@@ -1,0 +1,179 @@
+"""Where a small batch's decode step goes, in order: host work before the CUDA-graph replay, the replay, after it.
+
+At small batch a KIVI decode step replays its body from a CUDA graph (``KiviConfig.cuda_graphs``) and HF's
+``generate`` then waits for the new token. Host work before the replay leaves the GPU idle; host work after
+it overlaps the replay. This stamps every decode step at the calls below and times each replay on the GPU
+with CUDA events, in a ``generate`` after a warm-up one (as ``bench_generate.py`` does: ``gc.freeze()``
+after the warm-up, ``empty_cache()`` before the timed call). It prints the median of each span over the
+replayed steps (on the CPU, where nothing is replayed, over all steps), and fp16 eager's median step from
+the same process as the baseline. On a machine whose compile caches are cold the warm-up compiles every
+graph and kernel first (over 150 s at Llama-2-7B's shape on an H100).
+
+    python benchmarks/profile_step_timeline.py --batch 1
+    python benchmarks/profile_step_timeline.py --shape tiny --device cpu --new 16   # smoke test: no replay
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import gc
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from unittest import mock
+
+import torch
+from tabulate import tabulate
+
+from bench_generate import SHAPES, Method, build_model, synchronize
+from kivi_compile.runtime import KiviGraphRuntime
+from kivi_compile.step_graphs import StepGraphs
+
+# A decode step's stamps, in the order they come. previous token: the last step's token reached the host;
+# forward: HF calls the compiled forward; runtime: Dynamo's guards passed, it calls the backend's runtime;
+# split step: the runtime reserved the caches' room, it calls the split step; replay: the prologue ran and
+# the inputs are copied, the CUDA graph launches; replayed: the launch returned; runtime done: the caches
+# are rebuilt; forward done: the forward returns; token: HF has the new token (it waited for the GPU).
+POINTS = ("previous token", "forward", "runtime", "split step", "replay", "replayed", "runtime done",
+          "forward done", "token")  # fmt: skip
+
+
+class Timeline:
+    """The stamps of one ``generate`` and the GPU time of its replays; also its token streamer."""
+
+    def __init__(self) -> None:
+        self.stamps: list[tuple[str, float]] = []
+        self.replays: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def stamp(self, point: str) -> None:
+        self.stamps.append((point, time.perf_counter()))
+
+    def put(self, tokens: torch.Tensor) -> None:
+        self.stamp("token")
+
+    def end(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def watching(self, model: torch.nn.Module) -> Iterator[None]:
+        """Stamp the forward, the runtime, the split step and each replay while open."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(mock.patch.object(model, "forward", self._stamped(model.forward, "forward", "forward done")))
+            runtime = self._stamped(KiviGraphRuntime.__call__, "runtime", "runtime done")
+            stack.enter_context(mock.patch.object(KiviGraphRuntime, "__call__", runtime))
+            stack.enter_context(mock.patch.object(StepGraphs, "__call__", self._stamped(StepGraphs.__call__, "split step")))
+            stack.enter_context(mock.patch.object(torch.cuda.CUDAGraph, "replay", self._timed(torch.cuda.CUDAGraph.replay)))
+            yield
+
+    def _stamped(self, call: Callable, before: str, after: str | None = None) -> Callable:
+        @functools.wraps(call)
+        def stamped(*args, **kwargs):
+            self.stamp(before)
+            result = call(*args, **kwargs)
+            if after is not None:
+                self.stamp(after)
+            return result
+
+        return stamped
+
+    def _timed(self, replay: Callable) -> Callable:
+        @functools.wraps(replay)
+        def timed(graph: torch.cuda.CUDAGraph) -> None:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.stamp("replay")
+            start.record()
+            replay(graph)
+            end.record()
+            self.stamp("replayed")
+            self.replays.append((start, end))
+
+        return timed
+
+    def steps(self) -> list[dict[str, float]]:
+        """Each decode step's first stamp of each point (the prompt's token and the first token,
+        prefill's, start no decode step)."""
+        steps: list[dict[str, float]] = []
+        current: dict[str, float] | None = None
+        tokens = 0
+        for point, seconds in self.stamps:
+            if point == "token":
+                tokens += 1
+                if current is not None:
+                    steps.append({**current, "token": seconds})
+                current = {"previous token": seconds} if tokens >= 2 else None
+            elif current is not None:
+                current.setdefault(point, seconds)
+        return steps
+
+    def replay_gpu_ms(self) -> list[float]:
+        return [start.elapsed_time(end) for start, end in self.replays]
+
+
+def spans(steps: list[dict[str, float]]) -> list[tuple[str, str, float]]:
+    """(from, to, median ms) between consecutive points that every step stamped."""
+    points = [p for p in POINTS if all(p in step for step in steps)]
+    return [(a, b, statistics.median((s[b] - s[a]) * 1e3 for s in steps)) for a, b in zip(points, points[1:])]
+
+
+def timed_generate(method: Method, prompt: torch.Tensor, new_tokens: int, device: str) -> Timeline:
+    """A warm-up ``generate``, then one under a ``Timeline``, as ``bench_generate.py`` runs them."""
+
+    def generate(streamer: Timeline) -> None:
+        method.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)  # fmt: skip
+        synchronize(device)
+
+    generate(Timeline())
+    gc.collect()
+    gc.freeze()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    timeline = Timeline()
+    with timeline.watching(method.model):
+        generate(timeline)
+    gc.unfreeze()
+    return timeline
+
+
+def median_step_ms(steps: list[dict[str, float]]) -> float:
+    return statistics.median((s["token"] - s["previous token"]) * 1e3 for s in steps)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--method", default="kivi-k2v2")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--prompt", type=int, default=160)
+    parser.add_argument("--new", type=int, default=338)
+    args = parser.parse_args()
+
+    model = build_model(args.shape, args.device, torch.float16 if args.device == "cuda" else torch.float32)
+    prompt = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), device=args.device)
+    with Method(args.method, model, "inductor") as method:
+        timeline = timed_generate(method, prompt, args.new, args.device)
+        graphs, recordings = method.backend.graphs_compiled, method.recordings_made()
+    steps = timeline.steps()
+    replayed = [s for s in steps if "replay" in s]
+    measured = replayed or steps
+    step_ms = median_step_ms(measured)
+    rows = [[f"{a} -> {b}", ms, ms / step_ms] for a, b, ms in spans(measured)]
+    rows.append(["decode step", step_ms, 1.0])
+    if timeline.replays:
+        gpu_ms = statistics.median(timeline.replay_gpu_ms())
+        rows.append(["replay on the GPU (CUDA events)", gpu_ms, gpu_ms / step_ms])
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{args.shape}, batch {args.batch}, prompt {args.prompt} + {args.new} new tokens, {args.method} on "
+          f"{device_name}, torch {torch.__version__}: {len(replayed)} of {len(steps)} decode steps replayed, "
+          f"{recordings} recordings, {graphs} graphs")  # fmt: skip
+    print(tabulate(rows, headers=["span (median over the steps)", "ms", "share of the step"], floatfmt=".3f",
+                   tablefmt="github"), flush=True)  # fmt: skip
+    with Method("fp16", model, "inductor") as fp16:
+        baseline_ms = median_step_ms(timed_generate(fp16, prompt, args.new, args.device).steps())
+    print(f"fp16 eager, same process: median step {baseline_ms:.3f} ms; {args.method}: {baseline_ms / step_ms:.2f}x")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+"""``benchmarks/profile_step_timeline.py`` on the CPU: every decode step stamped in order, the stand-ins undone."""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from kivi_compile.runtime import KiviGraphRuntime
+from kivi_compile.step_graphs import StepGraphs
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("profile_step_timeline", BENCHMARKS / "profile_step_timeline.py")
+    timeline_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timeline_script)
+    model = timeline_script.build_model("tiny", "cpu", torch.float32)
+    prompt = torch.randint(1, model.config.vocab_size, (2, 37))
+    runtime_call, step_call, frozen = KiviGraphRuntime.__call__, StepGraphs.__call__, gc.get_freeze_count()
+
+    with timeline_script.Method("kivi-k2v2", model, "eager") as method:
+        compiled_forward = method.model.forward
+        timeline = timeline_script.timed_generate(method, prompt, 9, "cpu")
+        assert method.model.forward is compiled_forward
+
+    steps = timeline.steps()
+    assert len(steps) == 8  # 9 new tokens: the first comes from prefill
+    stamped = [p for p in timeline_script.POINTS if p not in ("replay", "replayed")]  # nothing replays on the CPU
+    for step in steps:
+        assert [p for p in timeline_script.POINTS if p in step] == stamped
+        assert [step[p] for p in stamped] == sorted(step[p] for p in stamped)
+    spans = timeline_script.spans(steps)
+    assert [(a, b) for a, b, _ in spans] == list(zip(stamped, stamped[1:]))
+    assert all(ms >= 0 for _, _, ms in spans) and not timeline.replays
+    assert KiviGraphRuntime.__call__ is runtime_call and StepGraphs.__call__ is step_call
+    assert gc.get_freeze_count() == frozen
