@@ -27,7 +27,7 @@ from unittest import mock
 import torch
 from tabulate import tabulate
 
-from bench_generate import SHAPES, Method, build_model, synchronize
+from bench_generate import KIVI_METHODS, SHAPES, Method, build_model, synchronize
 from kivi_compile.runtime import KiviGraphRuntime
 from kivi_compile.step_graphs import StepGraphs
 
@@ -145,7 +145,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=list(SHAPES), default="llama-2-7b")
     parser.add_argument("--device", default="cuda")
-    parser.add_argument("--method", default="kivi-k2v2")
+    parser.add_argument("--method", choices=list(KIVI_METHODS), default="kivi-k2v2")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=160)
     parser.add_argument("--new", type=int, default=338)
