@@ -20,8 +20,10 @@ and, on CUDA, the allocator's cudaMalloc calls and its retries after freeing its
 timed call. After each warm-up ``gc.freeze()`` (``--no-freeze-gc`` to skip) moves every live object
 out of the collector's reach, as serving stacks do once started: a full collection over a compiled
 model's objects took 0.94 s of one batch-1 run. Prints a tabulate table with the ratio
-to the fp16 baseline at the same batch size and at each method's best batch, and writes JSON + a
-PNG plot (throughput and peak memory against batch size) to ``--out``.
+to the fp16 baseline at the same batch size and at each method's best batch, and each method's largest
+batch that fits (with the batch that ran out of memory, if one did), and writes JSON + a PNG plot
+(throughput and peak memory against batch size) to ``--out``. On a terminal, each ``generate`` draws a
+progress bar on stderr.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate
     python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1,2 --new 24   # smoke test
@@ -34,10 +36,12 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from tabulate import tabulate
@@ -54,6 +58,9 @@ SHAPES = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=1000),  # fmt: skip
 }
+# The progress bar on a terminal: its width in characters, and the least time between two redraws.
+PROGRESS_WIDTH = 30
+PROGRESS_EVERY_S = 0.5
 KIVI_METHODS = {
     "kivi-k2v2": KiviConfig(key_bits=2, value_bits=2, group_size=32, residual_length=128),
     "kivi-k4v4": KiviConfig(key_bits=4, value_bits=4, group_size=32, residual_length=128),
@@ -118,16 +125,35 @@ class StepTimes:
     """A ``generate`` streamer that stamps each token's arrival. HF hands it the prompt, then each
     step's tokens (copied to the host, so a stamp follows the step's GPU work), so the gaps between
     stamps are the decode steps: their median is the steady state, their maximum shows one-time
-    costs inside the run (a kernel compiled or tuned for a new shape, a cache growing)."""
+    costs inside the run (a kernel compiled or tuned for a new shape, a cache growing).
 
-    def __init__(self) -> None:
+    Given a terminal, it also draws a progress bar there, redrawn at most every
+    ``PROGRESS_EVERY_S`` seconds so that drawing stays out of the timing."""
+
+    def __init__(self, label: str = "", new_tokens: int = 0, terminal: TextIO | None = None) -> None:
         self.stamps: list[float] = []
+        self._label, self._new_tokens, self._terminal = label, new_tokens, terminal
+        self._drawn = float("-inf")
 
     def put(self, tokens: torch.Tensor) -> None:
-        self.stamps.append(time.perf_counter())
+        now = time.perf_counter()
+        self.stamps.append(now)
+        if self._terminal is not None and now - self._drawn >= PROGRESS_EVERY_S:
+            self._drawn = now
+            self._draw()
 
     def end(self) -> None:
-        pass
+        if self._terminal is not None:
+            self._draw()
+            self._terminal.write("\n")
+
+    def _draw(self) -> None:
+        done = max(0, len(self.stamps) - 1)  # the first stamp is the prompt's
+        filled = PROGRESS_WIDTH * done // max(1, self._new_tokens)
+        bar = "#" * filled + "." * (PROGRESS_WIDTH - filled)
+        last = f", last step {(self.stamps[-1] - self.stamps[-2]) * 1e3:.1f} ms" if done >= 2 else ""
+        self._terminal.write(f"\r{self._label} [{bar}] {done}/{self._new_tokens} tokens{last}")
+        self._terminal.flush()
 
     def decode_step_ms(self) -> list[float]:
         return [(later - earlier) * 1e3 for earlier, later in zip(self.stamps[1:], self.stamps[2:])]
@@ -169,15 +195,16 @@ class FullCollections:
 
 
 def run_once(
-    method: Method, batch: int, prompt_len: int, new_tokens: int, device: str
+    method: Method, batch: int, prompt_len: int, new_tokens: int, device: str, label: str = ""
 ) -> tuple[float, int, list[float], dict]:
     """(seconds, peak bytes, decode step milliseconds, allocator and garbage-collector counts) of one
-    ``generate`` of ``new_tokens`` for ``batch`` prompts."""
+    ``generate`` of ``new_tokens`` for ``batch`` prompts; ``label`` names its progress bar (drawn when
+    stderr is a terminal)."""
     prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    steps = StepTimes()
+    steps = StepTimes(label, new_tokens, sys.stderr if sys.stderr.isatty() else None)
     synchronize(device)
     allocator_before = allocator_counts(device)
     start = time.perf_counter()
@@ -201,12 +228,13 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
         for batch in batches:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
-                run_once(method, batch, args.prompt, args.warmup_new, args.device)  # compiles the graphs
+                label = f"{method.name} batch {batch}"
+                run_once(method, batch, args.prompt, args.warmup_new, args.device, f"{label}, warm-up")  # compiles
                 if args.freeze_gc:  # garbage first: frozen cycles would keep the warm-up's caches
                     gc.collect()
                     gc.freeze()
                 recorded_before = method.recordings_made()
-                seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device)
+                seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device, label)
             except torch.OutOfMemoryError:
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
                 yield dict(method=method.name, batch=batch, oom=True)
@@ -233,6 +261,30 @@ def graphs_per_batch(rows: list[dict]) -> dict[str, list[int | None]]:
         if not row["oom"]:
             graphs.setdefault(row["method"], []).append(row["graphs"])
     return graphs
+
+
+def largest_batches(rows: list[dict]) -> dict[str, dict[str, int | None]]:
+    """Per method, the largest batch that ran and the batch that ran out of memory (None: none did;
+    the sweep stops at the first)."""
+    largest: dict[str, dict[str, int | None]] = {}
+    for row in rows:
+        entry = largest.setdefault(row["method"], {"fits": None, "out_of_memory": None})
+        if row["oom"]:
+            entry["out_of_memory"] = row["batch"]
+        else:
+            entry["fits"] = max(row["batch"], entry["fits"] or 0)
+    return largest
+
+
+def describe_largest(largest: dict[str, dict[str, int | None]]) -> str:
+    """``largest_batches`` in words: what a sweep that stopped short of memory can and cannot say."""
+    parts = []
+    for name, entry in largest.items():
+        fits = "none" if entry["fits"] is None else entry["fits"]
+        tried = "none tried ran out of memory" if entry["out_of_memory"] is None else (
+            f"{entry['out_of_memory']} ran out of memory")  # fmt: skip
+        parts.append(f"{name} {fits} ({tried})")
+    return "largest batch that fits: " + ", ".join(parts)
 
 
 def table(rows: list[dict]) -> str:
@@ -323,11 +375,12 @@ def main() -> None:
     for name in names:
         for row in sweep(Method(name, model, args.compiler, args.cuda_graphs), batches.get(name, batches[None]), args):
             rows.append(row)  # saved as it comes, so a run cut short keeps the rows it finished
-            result = dict(header=header, graphs=graphs_per_batch(rows), rows=rows)
+            result = dict(header=header, graphs=graphs_per_batch(rows), largest_batch=largest_batches(rows), rows=rows)
             (out / "bench_generate.json").write_text(json.dumps(result, indent=1))
 
     print(header)
     print("graphs compiled per batch size (first = a fresh generate):", graphs_per_batch(rows))
+    print(describe_largest(largest_batches(rows)))
     print(table(rows))
     try:
         plot(rows, out / "bench_generate.png")
