@@ -236,6 +236,8 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
                 recorded_before = method.recordings_made()
                 seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device, label)
             except torch.OutOfMemoryError:
+                if sys.stderr.isatty():  # end the unfinished progress bar's line
+                    sys.stderr.write("\n")
                 print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
                 yield dict(method=method.name, batch=batch, oom=True)
                 return
