@@ -41,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import torch
 from tabulate import tabulate
@@ -114,6 +114,12 @@ class Method:
         if self.name == "quanto":
             return dict(cache_implementation="quantized", cache_config={"backend": "quanto", "nbits": 2})
         return {}
+
+    def generate(self, prompt: torch.Tensor, new_tokens: int, streamer: Any = None) -> None:
+        """The workload's greedy ``generate``: exactly ``new_tokens`` for each prompt (none padded)."""
+        self.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                            min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer,
+                            **self.generate_kwargs())  # fmt: skip
 
 
 def synchronize(device: str) -> None:
@@ -209,10 +215,7 @@ def run_once(
     allocator_before = allocator_counts(device)
     start = time.perf_counter()
     with FullCollections() as collections:
-        method.model.generate(
-            prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-            do_sample=False, pad_token_id=0, streamer=steps, **method.generate_kwargs(),
-        )  # fmt: skip
+        method.generate(prompt, new_tokens, steps)
         synchronize(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0

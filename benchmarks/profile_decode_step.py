@@ -41,8 +41,7 @@ def generate(method: Method, prompt: torch.Tensor, new_tokens: int) -> float:
     """Wall seconds of one ``generate`` of ``new_tokens``."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    method.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)  # fmt: skip
+    method.generate(prompt, new_tokens)
     torch.cuda.synchronize()
     return time.perf_counter() - start
 

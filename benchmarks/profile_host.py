@@ -36,9 +36,7 @@ def main() -> None:
     with Method(args.method, model, "inductor") as method:
 
         def generate() -> None:
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new,
-                           min_new_tokens=args.new, do_sample=False, pad_token_id=0,
-                           **method.generate_kwargs())  # fmt: skip
+            method.generate(prompt, args.new)
             synchronize(args.device)
 
         generate()  # compiles

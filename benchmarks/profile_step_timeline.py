@@ -121,8 +121,7 @@ def timed_generate(method: Method, prompt: torch.Tensor, new_tokens: int, device
     """A warm-up ``generate``, then one under a ``Timeline``, as ``bench_generate.py`` runs them."""
 
     def generate(streamer: Timeline) -> None:
-        method.model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, streamer=streamer)  # fmt: skip
+        method.generate(prompt, new_tokens, streamer)
         synchronize(device)
 
     generate(Timeline())
