@@ -6,7 +6,10 @@ so the tests do not compare the product with itself.
 
 from __future__ import annotations
 
+import importlib.util
 import random
+from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -25,6 +28,19 @@ from kivi_compile.cache import allocate_buffers
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.cache_layout import QuantizedKV
 from kivi_compile.transformers_names import cache_keyword, returned_cache
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def benchmark_script(name: str, monkeypatch) -> ModuleType:
+    """``benchmarks/<name>.py`` as a module; ``benchmarks/`` is importable while the test runs, for
+    scripts that import their siblings (``from bench_generate import ...``)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def seed_everything(seed: int) -> None:

@@ -3,23 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from kivi_helpers import benchmark_script
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("bench_generate", BENCHMARKS / "bench_generate.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("bench_generate", monkeypatch)
 
 
 def test_sweep_times_each_method_and_batch(bench):

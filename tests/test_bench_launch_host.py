@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
+from kivi_helpers import benchmark_script
 
 from kivi_compile.kernels import decode_attention
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_launch_host.py"
 
-
-def test_times_the_triton_and_the_gluon_paths_without_launching():
-    spec = importlib.util.spec_from_file_location("bench_launch_host", SCRIPT)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_times_the_triton_and_the_gluon_paths_without_launching(monkeypatch):
+    bench = benchmark_script("bench_launch_host", monkeypatch)
     kernel, tuned = decode_attention._decode_attention_kernel, dict(decode_attention._TUNED_PLANS)
     with bench.kernels_stood_in():
         assert isinstance(decode_attention._decode_attention_kernel, bench._NoLaunch)

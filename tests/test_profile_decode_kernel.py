@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "profile_decode_kernel.py"
+from kivi_helpers import benchmark_script
+
 COLUMNS = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed",
            "L2 Theoretical Sectors Global", "L2 Theoretical Sectors Global Excessive"]  # fmt: skip
 ROWS = [  # a loop's two 8-byte loads (run 300 times), one 16-byte load outside it, an ALU op, a store
@@ -18,10 +17,8 @@ ROWS = [  # a loop's two 8-byte loads (run 300 times), one 16-byte load outside 
 ]
 
 
-def test_loads_groups_global_accesses_by_opcode_and_runs(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("profile_decode_kernel", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def test_loads_groups_global_accesses_by_opcode_and_runs(tmp_path, capsys, monkeypatch):
+    module = benchmark_script("profile_decode_kernel", monkeypatch)
     page = tmp_path / "tail-sass.csv"
     lines = ['"Kernel Name","_decode_attention_kernel",'] + [",".join(f'"{cell}"' for cell in row)
                                                               for row in [COLUMNS, *ROWS]]  # fmt: skip

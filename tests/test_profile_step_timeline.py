@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import gc
-import importlib.util
-from pathlib import Path
 
 import torch
+from kivi_helpers import benchmark_script
 
 from kivi_compile.runtime import KiviGraphRuntime
 from kivi_compile.step_graphs import StepGraphs
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
 
 def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location("profile_step_timeline", BENCHMARKS / "profile_step_timeline.py")
-    timeline_script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(timeline_script)
+    timeline_script = benchmark_script("profile_step_timeline", monkeypatch)
     model = timeline_script.build_model("tiny", "cpu", torch.float32)
     prompt = torch.randint(1, model.config.vocab_size, (2, 37))
     runtime_call, step_call, frozen = KiviGraphRuntime.__call__, StepGraphs.__call__, gc.get_freeze_count()
