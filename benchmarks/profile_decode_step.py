@@ -46,17 +46,24 @@ def generate(method: Method, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def kernel_time(method: Method, prompt: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], int]:
-    """(GPU microseconds by kind, kernel launches) of one ``generate``, from the profiler."""
+def kernel_time(method: Method, prompt: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], dict[str, float], int]:
+    """(GPU microseconds by kind, by kernel name, kernel launches) of one ``generate``, from the profiler."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(method, prompt, new_tokens)
     by_kind: dict[str, float] = defaultdict(float)
+    by_name: dict[str, float] = defaultdict(float)
     launches = 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
             by_kind[kind_of(event.name)] += event.device_time
+            by_name[event.name] += event.device_time
             launches += 1
-    return by_kind, launches
+    return by_kind, by_name, launches
+
+
+def per_step_ms(long: dict[str, float], short: dict[str, float], steps: int) -> dict[str, float]:
+    """Milliseconds per decode step of each key: the long generate's microseconds less the short one's."""
+    return {key: (long[key] - short.get(key, 0.0)) / steps / 1e3 for key in long}
 
 
 def per_step(method: Method, batch: int, args) -> dict:
@@ -65,10 +72,18 @@ def per_step(method: Method, batch: int, args) -> dict:
     generate(method, prompt, args.long)  # compiles every graph the profiled steps need
     steps = args.long - args.short
     wall_ms = (generate(method, prompt, args.long) - generate(method, prompt, args.short)) / steps * 1e3
-    (short, short_launches), (long, long_launches) = (kernel_time(method, prompt, n) for n in (args.short, args.long))
-    gpu = {kind: (long[kind] - short.get(kind, 0.0)) / steps / 1e3 for kind in long}
+    (short, short_names, short_launches), (long, long_names, long_launches) = (
+        kernel_time(method, prompt, n) for n in (args.short, args.long))  # fmt: skip
+    gpu = per_step_ms(long, short, steps)
     return dict(method=method.name, batch=batch, wall_ms=wall_ms, gpu_ms=sum(gpu.values()),
-                launches=(long_launches - short_launches) / steps, **gpu)  # fmt: skip
+                launches=(long_launches - short_launches) / steps, kernels=per_step_ms(long_names, short_names, steps),
+                **gpu)  # fmt: skip
+
+
+def top_kernels(row: dict, count: int) -> list[list]:
+    """The ``count`` kernels with the most GPU time per step in ``row``: method, batch, kind, ms, name."""
+    ranked = sorted(row["kernels"].items(), key=lambda item: -item[1])[:count]
+    return [[row["method"], row["batch"], kind_of(name), ms, name[:100]] for name, ms in ranked]
 
 
 def main() -> None:
@@ -79,6 +94,7 @@ def main() -> None:
     parser.add_argument("--long", type=int, default=20)
     parser.add_argument("--batches", default="1,96")
     parser.add_argument("--methods", default="fp16,kivi-k2v2")
+    parser.add_argument("--top", type=int, default=0, help="also list each row's N kernels with the most GPU time")
     args = parser.parse_args()
 
     model = build_model(args.shape, "cuda", torch.float16)
@@ -93,6 +109,9 @@ def main() -> None:
     print(f"{args.shape}, prompt {args.prompt}, steps {args.short + 1}..{args.long} on {torch.cuda.get_device_name()}, "
           f"torch {torch.__version__}")  # fmt: skip
     print(tabulate(lines, headers=headers, floatfmt=".3f", tablefmt="github"))
+    if args.top:
+        top = [line for row in rows for line in top_kernels(row, args.top)]
+        print(tabulate(top, headers=["method", "batch", "kind", "ms/step", "kernel"], floatfmt=".3f", tablefmt="github"))
 
 
 if __name__ == "__main__":
