@@ -28,6 +28,9 @@ KINDS = (  # first match wins: (kind, substrings of the kernel name)
     ("kivi attention: combine", ("_combine_splits_kernel",)),
     ("kivi append", ("_append_kernel", "_append_kv_kernel")),
     ("matmul", ("gemm", "sm90_", "cutlass", "nvjet", "xmma", "splitk")),
+    # Inductor names a fused kernel after the ops it holds: a rotary embedding that feeds the KIVI ops is
+    # "triton_poi_fused_..._decode_attention_...", which the SDPA rule below would take.
+    ("inductor fused", ("triton_poi_", "triton_red_", "triton_per_")),
     ("sdpa", ("flash", "fmha", "attention")),
     ("cache concat", ("CatArrayBatchedCopy",)),
 )
