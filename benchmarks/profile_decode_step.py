@@ -49,7 +49,9 @@ def generate(method: Method, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def kernel_time(method: Method, prompt: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], dict[str, float], int]:
+def kernel_time(
+    method: Method, prompt: torch.Tensor, new_tokens: int
+) -> tuple[dict[str, float], dict[str, float], int]:
     """(GPU microseconds by kind, by kernel name, kernel launches) of one ``generate``, from the profiler."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(method, prompt, new_tokens)
@@ -114,7 +116,8 @@ def main() -> None:
     print(tabulate(lines, headers=headers, floatfmt=".3f", tablefmt="github"))
     if args.top:
         top = [line for row in rows for line in top_kernels(row, args.top)]
-        print(tabulate(top, headers=["method", "batch", "kind", "ms/step", "kernel"], floatfmt=".3f", tablefmt="github"))
+        headers = ["method", "batch", "kind", "ms/step", "kernel"]
+        print(tabulate(top, headers=headers, floatfmt=".3f", tablefmt="github"))
 
 
 if __name__ == "__main__":
