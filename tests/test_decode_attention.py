@@ -462,16 +462,17 @@ def gluon_path_caches(bits: int) -> tuple[CacheSpec, CacheSpec, QuantizedKV, Qua
     return spec_k, spec_v, key, value
 
 
+@pytest.mark.parametrize("q_heads", [4, 2])
 @pytest.mark.parametrize(("mask_kind", "bits"), [(None, 2), ("bool", 2), ("additive", 2), ("bool", 4)])
-def test_the_triton_tail_completes_and_combines_the_gluon_partials(mask_kind, bits, monkeypatch):
+def test_the_triton_tail_completes_and_combines_the_gluon_partials(mask_kind, bits, q_heads, monkeypatch):
     """The Triton kernel's tail launch, which combines the Gluon kernel's partials (played by PyTorch,
     :func:`gluon_stand_in`) with its own, runs here on the interpreter, and no combine kernel does. The
     tail starts at token 96, an odd multiple of 32, and takes a block whose keys are quantized and values
     are not. With a mask, row 1's padding hides every quantized block: its partial sees no token
-    (maximum ``-inf``)."""
+    (maximum ``-inf``). Query heads share KV heads 2:1 or not at all."""
     spec_k, spec_v, key, value = gluon_path_caches(bits)
-    q = torch.randn(2, 4, 1, 32, device=DEVICE)
-    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, 4)
+    q = torch.randn(2, q_heads, 1, 32, device=DEVICE)
+    mask = None if mask_kind is None else left_padding_mask([37, 100], 135, mask_kind, torch.float32, q_heads)
     use_gluon_stand_in(monkeypatch)
     launches = counted_triton_launches(monkeypatch)
     check(q, key, value, spec_k, spec_v, mask=mask)
