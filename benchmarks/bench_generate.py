@@ -16,8 +16,9 @@ for every method. A shorter ``--warmup-new`` leaves them in (on the H200, fp16's
 batch 1 was 60.3 ms after a 4-token warm-up in one run, 33.6 ms after a full one in another). The
 median and slowest decode steps are reported too, Python's full garbage collections (count and
 longest), the CUDA graphs KIVI recorded (one per cache capacity, each on a step that runs directly)
-and, on CUDA, the allocator's cudaMalloc calls and its retries after freeing its cache, during the
-timed call. After each warm-up ``gc.freeze()`` (``--no-freeze-gc`` to skip) moves every live object
+and, on CUDA, the allocator's cudaMalloc calls, its retries after freeing its cache and the peak it
+reserved, during the timed call; a batch that runs out of memory keeps what PyTorch said the allocator held.
+After each warm-up ``gc.freeze()`` (``--no-freeze-gc`` to skip) moves every live object
 out of the collector's reach, as serving stacks do once started: a full collection over a compiled
 model's objects took 0.94 s of one batch-1 run. Prints a tabulate table with the ratio
 to the fp16 baseline at the same batch size and at each method's best batch, and each method's largest
@@ -203,9 +204,10 @@ class FullCollections:
 def run_once(
     method: Method, batch: int, prompt_len: int, new_tokens: int, device: str, label: str = ""
 ) -> tuple[float, int, list[float], dict]:
-    """(seconds, peak bytes, decode step milliseconds, allocator and garbage-collector counts) of one
-    ``generate`` of ``new_tokens`` for ``batch`` prompts; ``label`` names its progress bar (drawn when
-    stderr is a terminal)."""
+    """(seconds, peak bytes allocated, decode step milliseconds, allocator and garbage-collector counts)
+    of one ``generate`` of ``new_tokens`` for ``batch`` prompts; ``label`` names its progress bar (drawn
+    when stderr is a terminal). On CUDA the counts also hold the peak the allocator reserved: it adds the
+    free blocks no request could reuse, so it tells how close a batch came to running out of memory."""
     prompt = torch.randint(1, method.model.config.vocab_size, (batch, prompt_len), device=device)
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -222,6 +224,8 @@ def run_once(
     allocator = allocator_counts(device)
     allocator.subtract(allocator_before)
     events = dict(allocator, full_gcs=collections.count, longest_full_gc_ms=collections.longest_ms)
+    if device == "cuda":
+        events["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     return seconds, peak, steps.decode_step_ms(), events
 
 
@@ -238,11 +242,12 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
                     gc.freeze()
                 recorded_before = method.recordings_made()
                 seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device, label)
-            except torch.OutOfMemoryError:
+            except torch.OutOfMemoryError as error:
                 if sys.stderr.isatty():  # end the unfinished progress bar's line
                     sys.stderr.write("\n")
-                print(f"{method.name:>10} batch {batch:>4}: out of memory", flush=True)
-                yield dict(method=method.name, batch=batch, oom=True)
+                state = memory_state(error)
+                print(f"{method.name:>10} batch {batch:>4}: out of memory: {state}", flush=True)
+                yield dict(method=method.name, batch=batch, oom=True, memory_state=state)
                 return
             graphs = method.backend.graphs_compiled - compiled_before if method.backend else None
             if method.backend is not None:
@@ -256,6 +261,12 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
                   f"{row['median_step_ms']:.1f} ms, slowest {row['slowest_step_ms']:.1f} ms "
                   f"(step {row['slowest_step']}), {events}", flush=True)  # fmt: skip
             yield row
+
+
+def memory_state(error: torch.OutOfMemoryError) -> str:
+    """What the allocator held when ``error`` was raised (the request, what was free, allocated and
+    reserved but unallocated), without the advice that follows in PyTorch's message."""
+    return str(error).split(" If reserved but unallocated")[0].split("\n")[0]
 
 
 def graphs_per_batch(rows: list[dict]) -> dict[str, list[int | None]]:

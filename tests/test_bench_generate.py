@@ -33,6 +33,35 @@ def test_sweep_times_each_method_and_batch(bench):
     }  # fmt: skip
 
 
+def test_a_batch_that_runs_out_of_memory_records_the_allocators_state(bench, monkeypatch, capsys):
+    """The OOM row keeps what PyTorch said the allocator held (the request, allocated, reserved but not
+    allocated), without its advice, and the sweep stops there."""
+    message = (
+        "CUDA out of memory. Tried to allocate 538.00 MiB. GPU 0 has a total capacity of 79.19 GiB of which "
+        "301.06 MiB is free. Of the allocated memory 70.12 GiB is allocated by PyTorch, and 8.23 GiB is reserved "
+        "by PyTorch but unallocated. If reserved but unallocated memory is large try setting "
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation."
+    )
+    calls = []
+
+    def run_once(method, batch, *args):
+        calls.append(batch)
+        if batch == 3:
+            raise torch.OutOfMemoryError(message)
+        return 1.0, 0, [1.0], {}
+
+    monkeypatch.setattr(bench, "run_once", run_once)
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    args = argparse.Namespace(prompt=19, new=7, warmup_new=7, device="cpu", freeze_gc=False)
+    rows = list(bench.sweep(bench.Method("fp16", model, "eager"), [1, 3, 5], args))
+    assert calls == [1, 1, 3]  # warm-up and timed run at batch 1, then the warm-up that failed
+    assert [(r["batch"], r["oom"]) for r in rows] == [(1, False), (3, True)]
+    state = rows[1]["memory_state"]
+    assert state.startswith("CUDA out of memory. Tried to allocate 538.00 MiB.") and state.endswith("unallocated.")
+    assert "expandable_segments" not in state
+    assert f"fp16 batch    3: out of memory: {state}" in capsys.readouterr().out
+
+
 def test_largest_batch_names_the_batch_that_ran_out_of_memory(bench):
     rows = [
         dict(method="fp16", batch=96, oom=False), dict(method="fp16", batch=192, oom=False),
