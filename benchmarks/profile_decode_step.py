@@ -49,26 +49,30 @@ def generate(method: Method, prompt: torch.Tensor, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def kernel_time(
-    method: Method, prompt: torch.Tensor, new_tokens: int
-) -> tuple[dict[str, float], dict[str, float], int]:
-    """(GPU microseconds by kind, by kernel name, kernel launches) of one ``generate``, from the profiler."""
+def kernel_time(method: Method, prompt: torch.Tensor, new_tokens: int) -> tuple[dict[str, float], int]:
+    """(GPU microseconds by kernel name, kernel launches) of one ``generate``, from the profiler."""
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         generate(method, prompt, new_tokens)
-    by_kind: dict[str, float] = defaultdict(float)
     by_name: dict[str, float] = defaultdict(float)
     launches = 0
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
-            by_kind[kind_of(event.name)] += event.device_time
             by_name[event.name] += event.device_time
             launches += 1
-    return by_kind, by_name, launches
+    return by_name, launches
 
 
 def per_step_ms(long: dict[str, float], short: dict[str, float], steps: int) -> dict[str, float]:
     """Milliseconds per decode step of each key: the long generate's microseconds less the short one's."""
     return {key: (long[key] - short.get(key, 0.0)) / steps / 1e3 for key in long}
+
+
+def by_kind(kernels: dict[str, float]) -> dict[str, float]:
+    """Each kernel's time added to its kind's (:func:`kind_of`)."""
+    kinds: dict[str, float] = defaultdict(float)
+    for name, time_ in kernels.items():
+        kinds[kind_of(name)] += time_
+    return dict(kinds)
 
 
 def per_step(method: Method, batch: int, args) -> dict:
@@ -77,12 +81,11 @@ def per_step(method: Method, batch: int, args) -> dict:
     generate(method, prompt, args.long)  # compiles every graph the profiled steps need
     steps = args.long - args.short
     wall_ms = (generate(method, prompt, args.long) - generate(method, prompt, args.short)) / steps * 1e3
-    (short, short_names, short_launches), (long, long_names, long_launches) = (
-        kernel_time(method, prompt, n) for n in (args.short, args.long))  # fmt: skip
-    gpu = per_step_ms(long, short, steps)
+    (short, short_launches), (long, long_launches) = (kernel_time(method, prompt, n) for n in (args.short, args.long))
+    kernels = per_step_ms(long, short, steps)
+    gpu = by_kind(kernels)
     return dict(method=method.name, batch=batch, wall_ms=wall_ms, gpu_ms=sum(gpu.values()),
-                launches=(long_launches - short_launches) / steps, kernels=per_step_ms(long_names, short_names, steps),
-                **gpu)  # fmt: skip
+                launches=(long_launches - short_launches) / steps, kernels=kernels, **gpu)  # fmt: skip
 
 
 def top_kernels(row: dict, count: int) -> list[list]:

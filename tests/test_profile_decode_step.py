@@ -15,6 +15,7 @@ def test_a_steps_time_is_the_long_generate_less_the_short_one(profile_script):
     short = {"gemm_a": 1_000.0}  # the append ran only in the long one
     per_step = profile_script.per_step_ms(long, short, steps=4)
     assert per_step == pytest.approx({"gemm_a": 2.0, "_append_kernel": 0.325})
+    assert profile_script.by_kind(per_step) == pytest.approx({"matmul": 2.0, "kivi append": 0.325})
 
 
 def test_the_top_kernels_come_slowest_first_with_their_kind(profile_script):
