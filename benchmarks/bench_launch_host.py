@@ -49,7 +49,7 @@ def kernels_stood_in() -> Iterator[None]:
         mock.patch.object(mma, "unsupported", mma.inputs_unsupported),
         mock.patch.object(mma, "_capability", lambda device: (9, 0)),
         mock.patch.object(da, "_fastest_plan", lambda launch, splits, out: da._plans()[0]),
-        mock.patch.object(da, "_fastest_tail_tile", lambda launch, out: da._tail_tiles()[0]),
+        mock.patch.object(da, "_fastest_tail_tile", lambda launch, out, rows: da._tail_tiles(rows)[0]),
         mock.patch.object(da, "_TUNED_PLANS", {}),
         mock.patch.object(da, "_TUNED_TAIL_TILES", {}),
     ]

@@ -21,7 +21,10 @@ capacity so nothing waits for the host.
 For the common large decode step (float16, head_dim 128, 2- or 4-bit, G = 32, one token) the
 blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.8x
 faster at 2 bits and 3.5x at 4 bits, B = 8, T = 32k on the H100), and this kernel only adds the
-rest of each sequence and combines it with the Gluon kernel's partials: two launches in all.
+rest of each sequence and combines it with the Gluon kernel's partials: two launches in all. With one
+query row per KV head (multi-head attention) that tail may take ``ONE_ROW_TILE``: no tensor-core tile
+padded from one row to 16, but a running softmax per token slot of a block on the CUDA cores, folded once
+at the end (:func:`_attend_slots`).
 """
 
 from __future__ import annotations
@@ -153,6 +156,14 @@ def _configs() -> list[triton.Config]:
     shapes = ((32, 4, 128), (32, 2, 168), (64, 8, 128))
     # Two pipeline stages won no shape on the H100 (tried at 16-64 tokens, 4-8 warps).
     return [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=1, maxnreg=r) for n, w, r in shapes]
+
+
+# The tail's tile for one query row per KV head (a decode step of multi-head attention): ``BLOCK_M = 1``
+# takes :func:`_attend_slots` instead of tensor-core products padded to 16 rows. H100, twenty-second
+# session, tail alone at B = 512, T = 311 to 400, 2-bit: 0.37-0.42 ms against 0.46-0.47 for (32, 2, 168),
+# 0.42 against 0.59 with HF's all-True boolean mask; at 4 bits (B = 192) 4% slower, so it is a candidate
+# of the tuner, not the rule. 32 tokens spilled 88-190 bytes, a 128-register cap 50-120.
+ONE_ROW_TILE = triton.Config({"BLOCK_N": 16, "BLOCK_M": 1}, num_warps=2, num_stages=1, maxnreg=168)
 
 
 @triton.jit
@@ -341,6 +352,9 @@ def _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
             mask_ptrs, stride_mt, row_valid, q_pos,
             MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr):  # fmt: skip
     """One online-softmax step over a block of keys/values (rows of ``q`` x tokens)."""
+    if q.shape[0] == 1:
+        return _attend_slots(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale, mask_ptrs, stride_mt,
+                             q_pos, MASK_KIND, IS_CAUSAL)  # fmt: skip
     scores = tl.dot(q, tl.trans(keys), input_precision=DOT_PRECISION) * qk_scale
     if MASK_KIND == 1:  # boolean, True = attend
         keep = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=row_valid[:, None] & valid[None, :], other=0)
@@ -361,6 +375,40 @@ def _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
 
 
 @triton.jit
+def _attend_slots(q, keys, values, tokens, valid, acc, slot_max, slot_sum, qk_scale, mask_ptrs, stride_mt, q_pos,
+                  MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr):  # fmt: skip
+    """:func:`_attend` for one query row, on the CUDA cores: each of a block's ``BLOCK_N`` rows is a slot with its
+    own running maximum, sum and accumulator (``acc [BLOCK_N, D]``), so a block needs no reduction across
+    tokens; :func:`_merge_slots` folds the slots once, at the end."""
+    scores = tl.sum(q.to(tl.float32) * keys.to(tl.float32), axis=1) * qk_scale
+    if MASK_KIND == 1:
+        keep = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=valid[None, :], other=0)
+        scores = tl.where(tl.reshape(keep, (keys.shape[0],)) != 0, scores, float("-inf"))
+    if MASK_KIND == 2:
+        bias = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=valid[None, :], other=0.0)
+        scores += tl.reshape(bias, (keys.shape[0],)).to(tl.float32) * 1.4426950408889634
+    if IS_CAUSAL:
+        scores = tl.where(tokens <= tl.max(q_pos, axis=0), scores, float("-inf"))
+    scores = tl.where(valid, scores, float("-inf"))
+    new_max = tl.maximum(slot_max, scores)
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    probs = tl.exp2(scores - safe_max)
+    rescale = tl.exp2(slot_max - safe_max)
+    slot_sum = slot_sum * rescale + probs
+    acc = acc * rescale[:, None] + probs[:, None] * values.to(tl.float32)
+    return acc, new_max, slot_sum
+
+
+@triton.jit
+def _merge_slots(acc, slot_max, slot_sum):
+    """One row ``acc [1, D]``, maximum and sum ``[1]`` from :func:`_attend_slots`' slots."""
+    top = tl.max(slot_max, axis=0)
+    weight = tl.exp2(slot_max - tl.where(top == float("-inf"), 0.0, top))
+    row = tl.sum(acc * weight[:, None], axis=0)[None, :]
+    return row, tl.max(slot_max[None, :], axis=1), tl.sum((slot_sum * weight)[None, :], axis=1)
+
+
+@triton.jit
 def _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, heads, q_pos, channels, row_valid):
     """Rows ``(head, query position)`` of one batch entry into ``out [B, Hq, n, D]``."""
     offsets = batch * stride_ob + heads * stride_oh + q_pos * stride_on
@@ -370,20 +418,22 @@ def _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch,
 
 @triton.jit
 def _with_partials(acc, row_max, row_sum, acc_ptr, max_ptr, sum_ptr, first, count, rows, row_valid, channels,
-                   BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
+                   PARTIAL_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):  # fmt: skip
     """``acc`` and ``row_sum`` (relative to ``row_max``, log2 units) merged with the partials ``first ..
-    first + count - 1``, relative to the largest maximum of them all; ``channels`` are ``acc``'s columns."""
+    first + count - 1`` (``PARTIAL_ROWS`` rows each), relative to the largest maximum of them all; ``channels``
+    are ``acc``'s columns."""
     top = row_max
     for partial in range(first, first + count):
-        top = tl.maximum(top, tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")))
+        top = tl.maximum(top, tl.load(max_ptr + partial * PARTIAL_ROWS + rows, mask=row_valid, other=float("-inf")))
     safe_top = tl.where(top == float("-inf"), 0.0, top)  # rows that saw no token anywhere
     weight = tl.exp2(row_max - safe_top)
     acc = acc * weight[:, None]
     row_sum = row_sum * weight
     for partial in range(first, first + count):
-        weight = tl.exp2(tl.load(max_ptr + partial * BLOCK_M + rows, mask=row_valid, other=float("-inf")) - safe_top)
-        row_sum += weight * tl.load(sum_ptr + partial * BLOCK_M + rows, mask=row_valid, other=0.0)
-        acc += weight[:, None] * tl.load(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + channels[None, :],
+        offsets = partial * PARTIAL_ROWS + rows
+        weight = tl.exp2(tl.load(max_ptr + offsets, mask=row_valid, other=float("-inf")) - safe_top)
+        row_sum += weight * tl.load(sum_ptr + offsets, mask=row_valid, other=0.0)
+        acc += weight[:, None] * tl.load(acc_ptr + offsets[:, None] * HEAD_DIM + channels[None, :],
                                          mask=row_valid[:, None], other=0.0)  # fmt: skip
     return acc, row_sum
 
@@ -410,6 +460,7 @@ def _decode_attention_kernel(
     acc_ptr, max_ptr, sum_ptr, out_ptr, stride_ob, stride_oh, stride_on, stride_od,
     qk_scale, kv_heads, k_capacity, v_capacity, num_splits, tokens_per_split,
     SINGLE_SPLIT: tl.constexpr, Q_LEN: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    PARTIAL_ROWS: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
     TAIL_BLOCK: tl.constexpr = 0,
@@ -441,9 +492,11 @@ def _decode_attention_kernel(
     v_quantized, v_start = tl.load(v_lengths_ptr + 0), tl.load(v_lengths_ptr + 2)
     seq_len = k_quantized + tl.load(k_lengths_ptr + 1)
 
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    SLOTS: tl.constexpr = BLOCK_M == 1  # one query row: :func:`_attend_slots`, a slot per row of a block
+    STATE_ROWS: tl.constexpr = BLOCK_N if SLOTS else BLOCK_M
+    acc = tl.zeros([STATE_ROWS, HEAD_DIM], dtype=tl.float32)
+    row_max = tl.full([STATE_ROWS], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([STATE_ROWS], dtype=tl.float32)
     in_block = tl.arange(0, BLOCK_N)
     block_order = _block_token_order(BLOCK_N, 8 // K_BITS)
     # Lane-major value columns spare the quantized blocks a shuffle of their lanes but load ring rows badly
@@ -488,14 +541,21 @@ def _decode_attention_kernel(
     keys_only_start = tl.minimum(tl.maximum(tl.cdiv(v_quantized, BLOCK_N) * BLOCK_N, mixed_start), mixed_end)
     keys_only_end = tl.minimum(tl.maximum((k_quantized // BLOCK_N) * BLOCK_N, keys_only_start), mixed_end)
     for block_start in range(keys_only_start, keys_only_end, BLOCK_N):
-        tokens = block_start + block_order
-        valid = tokens < last
-        key_block = _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
-                                         block_start, True, channels, K_BITS, GROUP_SIZE, BLOCK_N)  # fmt: skip
+        if SLOTS:  # keys dequantized per element, in the ring rows' layout: the slots' sums need no shuffle of them
+            tokens = block_start + in_block
+            valid = tokens < last
+            keys = _dequantize_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                    tokens, channels, valid, K_BITS, GROUP_SIZE)  # fmt: skip
+        else:
+            tokens = block_start + block_order
+            valid = tokens < last
+            key_block = _load_quantized_keys(kc_ptr, ks_ptr, km_ptr, stride_kct, stride_kcd, stride_kst, stride_ksd,
+                                             block_start, True, channels, K_BITS, GROUP_SIZE, BLOCK_N)  # fmt: skip
+            keys = _block_keys(*key_block, K_BITS, BLOCK_N, HEAD_DIM)
         values = _value_ring_rows(vr_ptr, stride_vrt, stride_vrd, tokens, v_quantized, v_start, v_capacity,
                                   valid, 8 // V_BITS, HEAD_DIM, VALUES_LANE_MAJOR)  # fmt: skip
-        acc, row_max, row_sum = _attend(q, _block_keys(*key_block, K_BITS, BLOCK_N, HEAD_DIM), values, tokens, valid,
-                                        acc, row_max, row_sum, qk_scale, mask_ptrs, stride_mt, row_valid, q_pos,
+        acc, row_max, row_sum = _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
+                                        mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
     skipped = keys_only_end - keys_only_start
     for position in range(mixed_start, mixed_end - skipped, BLOCK_N):
@@ -532,19 +592,21 @@ def _decode_attention_kernel(
                                         mask_ptrs, stride_mt, row_valid, q_pos,
                                         MASK_KIND, IS_CAUSAL, DOT_PRECISION)  # fmt: skip
 
+    if SLOTS:
+        acc, row_max, row_sum = _merge_slots(acc, row_max, row_sum)
     if TAIL_BLOCK > 0:  # the Gluon kernel, launched before on this stream, wrote the ``num_splits`` others
         acc, row_sum = _with_partials(acc, row_max, row_sum, acc_ptr, max_ptr, sum_ptr, pid * num_splits, num_splits,
-                                      rows, row_valid, value_channels, BLOCK_M, HEAD_DIM)  # fmt: skip
+                                      rows, row_valid, value_channels, PARTIAL_ROWS, HEAD_DIM)  # fmt: skip
     if SINGLE_SPLIT or TAIL_BLOCK > 0:  # the whole sequence is in this program's sums: normalize and store
         out = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]  # 0 only in padding rows, never stored
         _store_rows(out_ptr, stride_ob, stride_oh, stride_on, stride_od, out, batch, heads, q_pos, value_channels,
                     row_valid)  # fmt: skip
     else:
         partial = pid * num_splits + split
-        tl.store(acc_ptr + (partial * BLOCK_M + rows)[:, None] * HEAD_DIM + value_channels[None, :], acc,
+        tl.store(acc_ptr + (partial * PARTIAL_ROWS + rows)[:, None] * HEAD_DIM + value_channels[None, :], acc,
                  mask=row_valid[:, None])  # fmt: skip
-        tl.store(max_ptr + partial * BLOCK_M + rows, row_max, mask=row_valid)
-        tl.store(sum_ptr + partial * BLOCK_M + rows, row_sum, mask=row_valid)
+        tl.store(max_ptr + partial * PARTIAL_ROWS + rows, row_max, mask=row_valid)
+        tl.store(sum_ptr + partial * PARTIAL_ROWS + rows, row_sum, mask=row_valid)
 
 
 @triton.jit
@@ -862,11 +924,12 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
         _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
 
     mask_dtype = None if call.mask is None else call.mask.dtype
-    tuning_key = ("tail", call.block_m, call.key_bits, call.value_bits, mask_dtype,
+    query_rows = call.q.shape[2] * rows  # not the padded block_m: one row may take ONE_ROW_TILE, 2 to 16 not
+    tuning_key = ("tail", query_rows, call.key_bits, call.value_bits, mask_dtype,
                   _work_class(call.programs, call.q.device))  # fmt: skip
     tile = _TUNED_TAIL_TILES.get(tuning_key)
     if tile is None:
-        tile = _TUNED_TAIL_TILES[tuning_key] = _fastest_tail_tile(tail, out)
+        tile = _TUNED_TAIL_TILES[tuning_key] = _fastest_tail_tile(tail, out, query_rows)
     tail(tile)
 
 
@@ -876,15 +939,21 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
 _TUNED_TAIL_TILES: dict[tuple, triton.Config] = {}
 
 
-def _tail_tiles() -> list[triton.Config]:
-    """The tiles the tail may take: those whose tokens divide the Gluon kernel's blocks."""
-    return [tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0]
+def _tail_tiles(query_rows: int) -> list[triton.Config]:
+    """The tiles the tail may take: those whose tokens divide the Gluon kernel's blocks and, for one query
+    row, :data:`ONE_ROW_TILE`, the only one on the interpreter (nothing to time there)."""
+    tiles = [tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0]
+    if query_rows != 1:
+        return tiles
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return [ONE_ROW_TILE]
+    return [*tiles, ONE_ROW_TILE]
 
 
-def _fastest_tail_tile(tail: Callable[[triton.Config], None], out: torch.Tensor) -> triton.Config:
+def _fastest_tail_tile(tail: Callable[[triton.Config], None], out: torch.Tensor, query_rows: int) -> triton.Config:
     """The fastest of :func:`_tail_tiles`, among those whose output agrees with the first one's (the
     tail's only tile until the eleventh session, tested at every GPU shape)."""
-    first, *others = _tail_tiles()
+    first, *others = _tail_tiles(query_rows)
     tail(first)
     expected = out.to(torch.float32, copy=True)
     candidates = [first]
@@ -899,9 +968,9 @@ def _fastest_tail_tile(tail: Callable[[triton.Config], None], out: torch.Tensor)
         else:
             logger.warning("Triton KIVI decode attention: tail tile %s left out, its result differs from the "
                            "first tile's by %.2g (relative)", tile, disagreement)  # fmt: skip
-    if len(candidates) == 1:
-        return first
-    return min(candidates, key=lambda tile: median_ms(lambda: tail(tile)))
+    fastest = first if len(candidates) == 1 else min(candidates, key=lambda tile: median_ms(lambda: tail(tile)))
+    logger.info("Triton KIVI decode attention: the tail takes tile %s (of %d that agree)", fastest, len(candidates))
+    return fastest
 
 
 def _partial_buffers(call: _Call, num_partials: int) -> tuple[torch.Tensor, ...]:
@@ -943,9 +1012,10 @@ def _launch_split_kernel(
         acc, row_max, row_sum, out, *out.stride(),
         call.qk_scale, kv_heads, key.residual.shape[-2], value.residual.shape[-2], num_partials, tokens_per_split,
         SINGLE_SPLIT=num_partials == 1 and not tail_block, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
-        BLOCK_M=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
+        PARTIAL_ROWS=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
         MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, TAIL_BLOCK=tail_block,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **tile.all_kwargs(),
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        **{"BLOCK_M": call.block_m, **tile.all_kwargs()},  # ONE_ROW_TILE holds one query row
     )  # fmt: skip
 
 

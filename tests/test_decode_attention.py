@@ -302,10 +302,10 @@ def test_every_tail_tile_matches_float64(q_heads, kv_heads, bits, monkeypatch):
     key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, 1000, [1] * 37, scale=outliers)
     value = filled_cache(spec_v, 3, kv_heads, 128, torch.float16, 1000, [1] * 37)
     q = torch.randn(3, q_heads, 1, 128, device=DEVICE).half()
-    tail_tiles = decode_attention._tail_tiles()
+    tail_tiles = decode_attention._tail_tiles(q_heads // kv_heads)
     assert len(tail_tiles) > 1
     for tile in tail_tiles:
-        monkeypatch.setattr(decode_attention, "_configs", lambda: [tile])
+        monkeypatch.setattr(decode_attention, "_tail_tiles", lambda rows, tile=tile: [tile])
         monkeypatch.setattr(decode_attention, "_TUNED_TAIL_TILES", {})
         check(q, key, value, spec_k, spec_v)
         assert list(decode_attention._TUNED_TAIL_TILES.values()) == [tile]
@@ -478,6 +478,20 @@ def test_the_triton_tail_completes_and_combines_the_gluon_partials(mask_kind, bi
     check(q, key, value, spec_k, spec_v, mask=mask)
     assert launches["split"] > 0 and launches["combine"] == 0
 
+
+def test_one_query_row_keeps_a_tail_tile_of_its_own(monkeypatch):
+    """A decode step of multi-head attention (one query row per KV head) takes the row-slot tile for its tail,
+    and grouped heads in the same process still get a tensor-core tile: the two used to share a tuning key
+    (the padded 16 rows), and the grouped call then launched the one-row tile (a compile-time assertion on
+    the H100, twenty-second session)."""
+    monkeypatch.setattr(decode_attention, "_TUNED_TAIL_TILES", {})
+    use_gluon_stand_in(monkeypatch)
+    spec_k, spec_v, key, value = gluon_path_caches(2)
+    for q_heads in (2, 4):  # one query row per KV head first, then two
+        check(torch.randn(2, q_heads, 1, 32, device=DEVICE), key, value, spec_k, spec_v)
+    kept = {tuning_key[1]: tile for tuning_key, tile in decode_attention._TUNED_TAIL_TILES.items()}
+    assert kept[1] is decode_attention.ONE_ROW_TILE
+    assert kept[2].kwargs.get("BLOCK_M") is None
 
 def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
     """The tail's tile is timed once per tuning key among the tiles that divide the Gluon kernel's
