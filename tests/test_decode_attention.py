@@ -493,6 +493,7 @@ def test_one_query_row_keeps_a_tail_tile_of_its_own(monkeypatch):
     assert kept[1] is decode_attention.ONE_ROW_TILE
     assert kept[2].kwargs.get("BLOCK_M") is None
 
+
 def test_the_tail_takes_its_fastest_agreeing_tile(monkeypatch, caplog):
     """The tail's tile is timed once per tuning key among the tiles that divide the Gluon kernel's
     32-token blocks (the 64-token tile never runs): a tile whose output differs from the first tile's
