@@ -142,10 +142,15 @@ MMA_MIN_TOKEN_HEADS = 1 << 17
 TILE_DISAGREEMENT = 1e-2
 
 
+def _interpreting() -> bool:
+    """Triton's CPU interpreter runs the kernels (the CPU machines' tests): one tile each, nothing to time."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def _configs() -> list[triton.Config]:
     """Tile shapes with a register cap: uncapped, the compiler takes all 255 registers a thread and
     only 8 warps fit on a multiprocessor, too few to hide the loads' latency. One on the interpreter."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return [triton.Config({"BLOCK_N": 16}, num_warps=4)]
     # None spills in the main loop. Compiled for the H200 (Triton 3.6), three tiles gave wrong results
     # that the interpreter does not give: (32, 4, 96) at head_dim 32 in the loop over mixed blocks
@@ -945,7 +950,7 @@ def _tail_tiles(query_rows: int) -> list[triton.Config]:
     tiles = [tile for tile in _configs() if mma_blocks.BLOCK.value % tile.kwargs["BLOCK_N"] == 0]
     if query_rows != 1:
         return tiles
-    if os.environ.get("TRITON_INTERPRET") == "1":
+    if _interpreting():
         return [ONE_ROW_TILE]
     return [*tiles, ONE_ROW_TILE]
 
