@@ -254,9 +254,13 @@ def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
             check(q, key, value, spec_k, spec_v)
 
 
-def gluon_path_inputs(q_heads, kv_heads, key_bits, value_bits, prompt=1000, steps=(1,) * 37, residual=128):
-    """A one-token query over caches of 3 sequences, float16, D = 128, G = 32 (what the Gluon kernel is
-    written for), whose keys have outlier channels: ``(q, key, value, spec_k, spec_v)``."""
+def real_size_gluon_inputs(
+    q_heads: int, kv_heads: int, key_bits: int, value_bits: int, prompt: int = 1000, steps=(1,) * 37,
+    residual: int = 128,
+) -> tuple[torch.Tensor, QuantizedKV, QuantizedKV, CacheSpec, CacheSpec]:
+    """For the GPU tests of the real Gluon kernel (the interpreter's stand-in takes :func:`gluon_path_caches`):
+    a one-token query over caches of 3 sequences, float16, D = 128, G = 32 (what the kernel is written for),
+    whose keys have outlier channels, in :func:`check`'s order."""
     spec_k, spec_v = CacheSpec(True, key_bits, 32, residual), CacheSpec(False, value_bits, 32, residual)
     outliers = torch.rand(128, device=DEVICE) * 6 + 0.2
     key = filled_cache(spec_k, 3, kv_heads, 128, torch.float16, prompt, list(steps), scale=outliers)
@@ -277,7 +281,8 @@ def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, s
     quantized lengths that are not multiples of its 32-token blocks, split or not) and the Triton
     kernel over the rest, combined; taken here for caches of any size."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    q, key, value, spec_k, spec_v = gluon_path_inputs(q_heads, kv_heads, key_bits, value_bits, prompt, steps, residual)
+    q, key, value, spec_k, spec_v = real_size_gluon_inputs(q_heads, kv_heads, key_bits, value_bits, prompt, steps,
+                                                           residual)  # fmt: skip
     assert decode_attention.mma_path_unsupported(q, key, value, False, key_bits, value_bits, 32) is None
     check(q, key, value, spec_k, spec_v)
 
@@ -288,7 +293,7 @@ def test_gluon_blocks_and_triton_tail_match_float64(q_heads, kv_heads, prompt, s
 def test_gluon_blocks_take_keys_and_values_of_different_bits(key_bits, value_bits, monkeypatch):
     """The key side's token order (4 or 2 tokens a byte) is the one the value side follows."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    q, key, value, spec_k, spec_v = gluon_path_inputs(32, 8, key_bits, value_bits)
+    q, key, value, spec_k, spec_v = real_size_gluon_inputs(32, 8, key_bits, value_bits)
     assert decode_attention.uses_mma_path(q, key, value, False, key_bits, value_bits, 32)
     check(q, key, value, spec_k, spec_v)
 
@@ -300,7 +305,7 @@ def test_gluon_blocks_take_keys_and_values_of_different_bits(key_bits, value_bit
 def test_every_tail_tile_matches_float64(q_heads, kv_heads, bits, monkeypatch):
     """Each tile the tail may be tuned to, compiled for this GPU, as the only one."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    q, key, value, spec_k, spec_v = gluon_path_inputs(q_heads, kv_heads, bits, bits)
+    q, key, value, spec_k, spec_v = real_size_gluon_inputs(q_heads, kv_heads, bits, bits)
     tail_tiles = decode_attention._tail_tiles(q_heads // kv_heads)
     assert len(tail_tiles) > 1
     for tile in tail_tiles:
@@ -332,7 +337,7 @@ def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, bits, mon
     37 tokens (inside a block), one the first 300 (whole blocks and the first split: partials that see
     no token at all). The mask's columns follow the keys' token order, which the bits set."""
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
-    q, key, value, spec_k, spec_v = gluon_path_inputs(q_heads, kv_heads, bits, bits)
+    q, key, value, spec_k, spec_v = real_size_gluon_inputs(q_heads, kv_heads, bits, bits)
     assert decode_attention.uses_mma_path(q, key, value, False, bits, bits, 32)
     mask = left_padding_mask([0, 37, 300], 1037, mask_kind, torch.float16, q_heads)
     check(q, key, value, spec_k, spec_v, mask=mask)
