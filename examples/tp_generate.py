@@ -3,21 +3,24 @@
     python examples/tp_generate.py --save-tiny /tmp/tiny-llama          # a small random checkpoint
     torchrun --nproc-per-node 2 examples/tp_generate.py --model /tmp/tiny-llama --out tokens.json
 
-The model is loaded with ``tp_plan="auto"`` when more than one process runs (NCCL on GPUs, gloo
-on CPUs): attention projections are sharded by heads, so each rank's graph holds plain tensors of
-its local heads and the KIVI pass rewrites it unchanged. Rank 0 prints the tokens, throughput and
-each rank's KV-cache bytes (and peak GPU memory), and writes them to ``--out`` as JSON.
+The model is loaded with its own tensor-parallel plan when more than one process runs (NCCL on
+GPUs, gloo on CPUs): attention projections are sharded by heads, so each rank's graph holds plain
+tensors of its local heads and the KIVI pass rewrites it unchanged. Rank 0 prints the tokens,
+throughput and each rank's KV-cache bytes (and peak GPU memory), and writes them to ``--out`` as
+JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import time
 
 import torch
 import torch.distributed as dist
+import transformers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import kivi_compile
@@ -33,6 +36,18 @@ def save_tiny_llama(path: str) -> None:
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(path)
+
+
+def sharding_arguments(world_size: int) -> dict[str, object]:
+    """from_pretrained's arguments that shard the model by its own plan over ``world_size`` ranks.
+    Transformers whose ``DistributedConfig`` takes ``tp_size`` (5.17's docs use it) warn that a bare
+    ``tp_plan`` is deprecated."""
+    if world_size == 1:
+        return {}
+    config_class = getattr(transformers, "DistributedConfig", None)
+    if config_class is None or "tp_size" not in {field.name for field in dataclasses.fields(config_class)}:
+        return {"tp_plan": "auto"}
+    return {"distributed_config": config_class(tp_size=world_size)}
 
 
 def parse_args() -> argparse.Namespace:
@@ -61,8 +76,9 @@ def main() -> None:
     if not args.model:
         raise SystemExit("tp_generate.py: give --model PATH (or --save-tiny PATH first)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    parallel = dict(tp_plan="auto") if world_size > 1 else {}
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **parallel).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model, dtype=getattr(torch, args.dtype), **sharding_arguments(world_size)
+    ).eval()
     device = model.device
     config = KiviConfig(
         key_bits=args.key_bits, value_bits=args.value_bits, group_size=args.group_size,
@@ -107,6 +123,7 @@ def main() -> None:
             with open(args.out, "w") as handle:
                 json.dump(result, handle)
     if world_size > 1:
+        dist.barrier()  # the ranks tear the process group down together, not one while the other still works
         dist.destroy_process_group()
 
 

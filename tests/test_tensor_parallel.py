@@ -1,8 +1,9 @@
-"""Tensor parallelism on CPU: 2 gloo processes with tp_plan="auto" generate the same tokens as 1."""
+"""Tensor parallelism on CPU: 2 gloo processes, each with half the heads, generate the same tokens as 1."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,10 @@ pytest.importorskip("accelerate")  # transformers needs it to load with a tp_pla
 
 
 def run(args: list[str], cwd: Path) -> None:
-    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    """Runs the example; a crash shows its output and, from faulthandler, every thread's Python stack."""
+    environment = {**os.environ, "PYTHONFAULTHANDLER": "1"}
+    result = subprocess.run(args, cwd=cwd, env=environment, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"stdout:\n{result.stdout[-1500:]}\nstderr:\n{result.stderr[-4000:]}"
 
 
 def test_two_gloo_ranks_generate_what_one_process_generates(tmp_path):
