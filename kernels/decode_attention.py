@@ -118,7 +118,7 @@ def decode_attention_ref(
 # per-element path for keys (``_dequantize_keys``) and the same lane-major loads for values.
 # ---------------------------------------------------------------------------------------------
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # scores are in log2 units: exp2 in the kernels
 MAX_QUERY_ROWS = 64  # g * n rows of one KV head held by a program; more falls back to the reference
 GRANULE = 64  # tokens; the sequence is split between programs in whole granules (a multiple of BLOCK_N)
 # A split of fewer than 512 tokens saves less GPU time than the combine costs, and the combine is
@@ -366,7 +366,7 @@ def _attend(q, keys, values, tokens, valid, acc, row_max, row_sum, qk_scale,
         scores = tl.where(keep != 0, scores, float("-inf"))
     if MASK_KIND == 2:  # additive
         bias = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=row_valid[:, None] & valid[None, :], other=0.0)
-        scores += bias.to(tl.float32) * 1.4426950408889634
+        scores += bias.to(tl.float32) * LOG2E
     if IS_CAUSAL:  # SDPA's top-left alignment
         scores = tl.where(tokens[None, :] <= q_pos[:, None], scores, float("-inf"))
     scores = tl.where(valid[None, :], scores, float("-inf"))
@@ -391,7 +391,7 @@ def _attend_slots(q, keys, values, tokens, valid, acc, slot_max, slot_sum, qk_sc
         scores = tl.where(tl.reshape(keep, (keys.shape[0],)) != 0, scores, float("-inf"))
     if MASK_KIND == 2:
         bias = tl.load(mask_ptrs + tokens[None, :] * stride_mt, mask=valid[None, :], other=0.0)
-        scores += tl.reshape(bias, (keys.shape[0],)).to(tl.float32) * 1.4426950408889634
+        scores += tl.reshape(bias, (keys.shape[0],)).to(tl.float32) * LOG2E
     if IS_CAUSAL:
         scores = tl.where(tokens <= tl.max(q_pos, axis=0), scores, float("-inf"))
     scores = tl.where(valid, scores, float("-inf"))
@@ -820,7 +820,7 @@ def launch_decode_attention(
         mask = attn_mask.expand(batch, q_heads, q_len, attn_mask.shape[-1])
         mask_kind = 1 if mask.dtype == torch.bool else 2
         mask = mask.view(torch.uint8) if mask_kind == 1 else mask
-    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E
+    qk_scale = (1.0 / math.sqrt(head_dim) if scale is None else scale) * LOG2E.value
     call = _Call.of(q, key, value, mask, mask_kind, is_causal, qk_scale, key_bits, value_bits, group_size)
     if uses_mma_path(q, key, value, is_causal, key_bits, value_bits, group_size):
         _launch_mma_path(call, out)

@@ -431,7 +431,7 @@ def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scal
         if mask_kind == 1:
             scores = scores.masked_fill(block_mask == 0, float("-inf"))
         else:
-            scores = scores + block_mask.float() * decode_attention.LOG2E
+            scores = scores + block_mask.float() * decode_attention.LOG2E.value
     top = scores.amax(-1)
     probs = torch.exp2(scores - top.clamp_min(torch.finfo(torch.float32).min)[..., None])
     row_max.fill_(float("-inf"))
