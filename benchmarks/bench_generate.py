@@ -56,6 +56,9 @@ SHAPES = {
                        num_key_value_heads=32, vocab_size=32000),  # fmt: skip
     "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                        num_key_value_heads=8, vocab_size=128256),  # fmt: skip
+    # Llama-2-7B's 32 layers of 32 heads at a width a CPU runs: the host work of its decode step (Dynamo's guards).
+    "llama-2-7b-narrow": dict(hidden_size=1024, intermediate_size=1024, num_hidden_layers=32, num_attention_heads=32,
+                              num_key_value_heads=32, vocab_size=1000),  # fmt: skip
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=1000),  # fmt: skip
 }
@@ -87,9 +90,13 @@ def quanto_available() -> bool:
 class Method:
     """One way of running ``generate``: how to set the model up, and the extra generate kwargs."""
 
-    def __init__(self, name: str, model: LlamaForCausalLM, compiler: str, cuda_graphs: bool = True) -> None:
+    def __init__(self, name: str, model: LlamaForCausalLM, compiler: str, cuda_graphs: bool = True,
+                 guard_filter: str | None = None) -> None:  # fmt: skip
+        """``guard_filter`` names one of ``torch.compiler``'s guard filters
+        (``skip_guard_on_all_nn_modules_unsafe``...), passed to ``torch.compile`` as ``guard_filter_fn``."""
         self.name, self.model = name, model
         self.eager_forward = model.forward
+        self.guard_filter_fn = getattr(torch.compiler, guard_filter) if guard_filter else None
         self.backend = None
         if name in KIVI_METHODS:
             config = KiviConfig(**{**KIVI_METHODS[name].__dict__, "compiler": compiler, "cuda_graphs": cuda_graphs})
@@ -104,7 +111,9 @@ class Method:
     def __enter__(self) -> Method:
         torch._dynamo.reset()
         if self.backend is not None:
-            self.model.forward = torch.compile(self.eager_forward, backend=self.backend)
+            # torch.compile pops guard_filter_fn from the options it is given: a dict of its own each time.
+            options = {"guard_filter_fn": self.guard_filter_fn} if self.guard_filter_fn else None
+            self.model.forward = torch.compile(self.eager_forward, backend=self.backend, options=options)
         return self
 
     def __exit__(self, *exc) -> None:

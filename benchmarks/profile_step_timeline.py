@@ -11,6 +11,11 @@ graph and kernel first (over 150 s at Llama-2-7B's shape on an H100).
 
     python benchmarks/profile_step_timeline.py --batch 1
     python benchmarks/profile_step_timeline.py --shape tiny --device cpu --new 16   # smoke test: no replay
+
+The span from the forward to the runtime is Dynamo's: its guards, then the graph's inputs. ``--dynamo NAME=0|1``
+sets a boolean of ``torch._dynamo.config`` and ``--guard-filter`` passes one of ``torch.compiler``'s guard
+filters to ``torch.compile``, to see what the guards cost (the 7B shape's 32 layers run on a CPU as
+``--shape llama-2-7b-narrow --device cpu``).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from bench_generate import KIVI_METHODS, SHAPES, Method, build_model, synchroniz
 from kivi_compile.runtime import KiviGraphRuntime
 from kivi_compile.step_graphs import StepGraphs
 
+GUARD_FILTERS = sorted(name for name in dir(torch.compiler) if name.endswith("_unsafe") and "guard" in name)
 # A decode step's stamps, in the order they come. previous token: the last step's token reached the host;
 # forward: HF calls the compiled forward; runtime: Dynamo's guards passed, it calls the backend's runtime;
 # split step: the runtime reserved the caches' room, it calls the split step; replay: the prologue ran and
@@ -136,6 +142,14 @@ def timed_generate(method: Method, prompt: torch.Tensor, new_tokens: int, device
     return timeline
 
 
+def set_dynamo_flag(setting: str) -> None:
+    """``NAME=0|1`` -> ``torch._dynamo.config.NAME``; an unknown or non-boolean flag is an error."""
+    name, _, value = setting.partition("=")
+    if value not in ("0", "1") or not isinstance(getattr(torch._dynamo.config, name, None), bool):
+        raise SystemExit(f"--dynamo {setting!r}: expected NAME=0|1 for a boolean of torch._dynamo.config")
+    setattr(torch._dynamo.config, name, value == "1")
+
+
 def median_step_ms(steps: list[dict[str, float]]) -> float:
     return statistics.median((s["token"] - s["previous token"]) * 1e3 for s in steps)
 
@@ -148,11 +162,16 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--prompt", type=int, default=160)
     parser.add_argument("--new", type=int, default=338)
+    parser.add_argument("--dynamo", action="append", default=[], metavar="NAME=0|1",
+                        help="set the boolean torch._dynamo.config.NAME (repeatable)")
+    parser.add_argument("--guard-filter", choices=GUARD_FILTERS, default=None)
     args = parser.parse_args()
+    for setting in args.dynamo:
+        set_dynamo_flag(setting)
 
     model = build_model(args.shape, args.device, torch.float16 if args.device == "cuda" else torch.float32)
     prompt = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), device=args.device)
-    with Method(args.method, model, "inductor") as method:
+    with Method(args.method, model, "inductor", guard_filter=args.guard_filter) as method:
         timeline = timed_generate(method, prompt, args.new, args.device)
         graphs, recordings = method.backend.graphs_compiled, method.recordings_made()
     steps = timeline.steps()
@@ -165,9 +184,10 @@ def main() -> None:
         gpu_ms = statistics.median(timeline.replay_gpu_ms())
         rows.append(["replay on the GPU (CUDA events)", gpu_ms, gpu_ms / step_ms])
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    guards = ", ".join([*args.dynamo, *filter(None, [args.guard_filter])]) or "default guards"
     print(f"{args.shape}, batch {args.batch}, prompt {args.prompt} + {args.new} new tokens, {args.method} on "
-          f"{device_name}, torch {torch.__version__}: {len(replayed)} of {len(steps)} decode steps replayed, "
-          f"{recordings} recordings, {graphs} graphs")  # fmt: skip
+          f"{device_name}, torch {torch.__version__}, {guards}: {len(replayed)} of {len(steps)} decode steps "
+          f"replayed, {recordings} recordings, {graphs} graphs")  # fmt: skip
     print(tabulate(rows, headers=["span (median over the steps)", "ms", "share of the step"], floatfmt=".3f",
                    tablefmt="github"), flush=True)  # fmt: skip
     with Method("fp16", model, "inductor") as fp16:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 
+import pytest
 import torch
 from kivi_helpers import benchmark_script
 
@@ -33,3 +34,33 @@ def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
     assert all(ms >= 0 for _, _, ms in spans) and not timeline.replays
     assert KiviGraphRuntime.__call__ is runtime_call and StepGraphs.__call__ is step_call
     assert gc.get_freeze_count() == frozen
+
+
+def test_a_guard_filter_reaches_every_compile_of_the_method(monkeypatch):
+    """``torch.compile`` pops ``guard_filter_fn`` from its options: a second ``with`` must pass it again."""
+    timeline_script = benchmark_script("profile_step_timeline", monkeypatch)
+    filtered = []
+
+    def keep_every_guard(guards):
+        filtered.append(len(guards))
+        return [True] * len(guards)
+
+    monkeypatch.setattr(torch.compiler, "keep_every_guard_unsafe", keep_every_guard, raising=False)
+    model = timeline_script.build_model("tiny", "cpu", torch.float32)
+    prompt = torch.randint(1, model.config.vocab_size, (1, 21))
+    method = timeline_script.Method("kivi-k2v2", model, "eager", guard_filter="keep_every_guard_unsafe")
+    for compiles in (1, 2):
+        with method:
+            method.generate(prompt, 3)
+        assert len(filtered) == 2 * compiles  # prefill's graph and the decode step's
+        assert min(filtered) > 0
+
+
+def test_dynamo_flags_are_booleans_of_its_config(monkeypatch):
+    timeline_script = benchmark_script("profile_step_timeline", monkeypatch)
+    with torch._dynamo.config.patch(use_recursive_dict_tags_for_guards=False):  # restored on the way out
+        timeline_script.set_dynamo_flag("use_recursive_dict_tags_for_guards=1")
+        assert torch._dynamo.config.use_recursive_dict_tags_for_guards is True
+    for setting in ("no_such_flag=1", "cache_size_limit=1", "use_recursive_dict_tags_for_guards=yes"):
+        with pytest.raises(SystemExit, match=r"expected NAME=0\|1"):
+            timeline_script.set_dynamo_flag(setting)
