@@ -71,6 +71,19 @@ KIVI_METHODS = {
 }
 
 
+def keep_all_but_shape_guards(entries: list) -> list[bool]:
+    """A guard filter that drops the symbolic-shape guards (unsafe: a new shape reuses the graph), to time them."""
+    return [entry.guard_type != "SHAPE_ENV" for entry in entries]
+
+
+# Guard filters for ``torch.compile``'s ``guard_filter_fn``, by name: torch.compiler's, and one of ours.
+GUARD_FILTERS = {
+    **{name: getattr(torch.compiler, name)
+       for name in dir(torch.compiler) if name.endswith("_unsafe") and "guard" in name},  # fmt: skip
+    "skip_shape_guards_unsafe": keep_all_but_shape_guards,
+}
+
+
 def build_model(shape: str, device: str, dtype: torch.dtype) -> LlamaForCausalLM:
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096, attn_implementation="sdpa")
     torch.manual_seed(0)
@@ -92,11 +105,11 @@ class Method:
 
     def __init__(self, name: str, model: LlamaForCausalLM, compiler: str, cuda_graphs: bool = True,
                  guard_filter: str | None = None) -> None:  # fmt: skip
-        """``guard_filter`` names one of ``torch.compiler``'s guard filters
-        (``skip_guard_on_all_nn_modules_unsafe``...), passed to ``torch.compile`` as ``guard_filter_fn``."""
+        """``guard_filter`` names one of :data:`GUARD_FILTERS` (``skip_guard_on_all_nn_modules_unsafe``...),
+        passed to ``torch.compile`` as ``guard_filter_fn``."""
         self.name, self.model = name, model
         self.eager_forward = model.forward
-        self.guard_filter_fn = getattr(torch.compiler, guard_filter) if guard_filter else None
+        self.guard_filter_fn = GUARD_FILTERS[guard_filter] if guard_filter else None
         self.backend = None
         if name in KIVI_METHODS:
             config = KiviConfig(**{**KIVI_METHODS[name].__dict__, "compiler": compiler, "cuda_graphs": cuda_graphs})

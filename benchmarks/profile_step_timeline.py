@@ -14,7 +14,7 @@ graph and kernel first (over 150 s at Llama-2-7B's shape on an H100).
 
 The span from the forward to the runtime is Dynamo's: its guards, then the graph's inputs. ``--dynamo NAME=0|1``
 sets a boolean of ``torch._dynamo.config`` and ``--guard-filter`` passes one of ``torch.compiler``'s guard
-filters to ``torch.compile``, to see what the guards cost (the 7B shape's 32 layers run on a CPU as
+filters (or ``skip_shape_guards_unsafe``) to ``torch.compile``, to see what the guards cost (the 7B shape's 32 layers run on a CPU as
 ``--shape llama-2-7b-narrow --device cpu``).
 """
 
@@ -32,11 +32,10 @@ from unittest import mock
 import torch
 from tabulate import tabulate
 
-from bench_generate import KIVI_METHODS, SHAPES, Method, build_model, synchronize
+from bench_generate import GUARD_FILTERS, KIVI_METHODS, SHAPES, Method, build_model, synchronize
 from kivi_compile.runtime import KiviGraphRuntime
 from kivi_compile.step_graphs import StepGraphs
 
-GUARD_FILTERS = sorted(name for name in dir(torch.compiler) if name.endswith("_unsafe") and "guard" in name)
 # A decode step's stamps, in the order they come. previous token: the last step's token reached the host;
 # forward: HF calls the compiled forward; runtime: Dynamo's guards passed, it calls the backend's runtime;
 # split step: the runtime reserved the caches' room, it calls the split step; replay: the prologue ran and
@@ -164,7 +163,7 @@ def main() -> None:
     parser.add_argument("--new", type=int, default=338)
     parser.add_argument("--dynamo", action="append", default=[], metavar="NAME=0|1",
                         help="set the boolean torch._dynamo.config.NAME (repeatable)")
-    parser.add_argument("--guard-filter", choices=GUARD_FILTERS, default=None)
+    parser.add_argument("--guard-filter", choices=sorted(GUARD_FILTERS), default=None)
     args = parser.parse_args()
     for setting in args.dynamo:
         set_dynamo_flag(setting)

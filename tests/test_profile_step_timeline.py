@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_a_guard_filter_reaches_every_compile_of_the_method(monkeypatch):
         filtered.append(len(guards))
         return [True] * len(guards)
 
-    monkeypatch.setattr(torch.compiler, "keep_every_guard_unsafe", keep_every_guard, raising=False)
+    monkeypatch.setitem(timeline_script.GUARD_FILTERS, "keep_every_guard_unsafe", keep_every_guard)
     model = timeline_script.build_model("tiny", "cpu", torch.float32)
     prompt = torch.randint(1, model.config.vocab_size, (1, 21))
     method = timeline_script.Method("kivi-k2v2", model, "eager", guard_filter="keep_every_guard_unsafe")
@@ -64,3 +65,9 @@ def test_dynamo_flags_are_booleans_of_its_config(monkeypatch):
     for setting in ("no_such_flag=1", "cache_size_limit=1", "use_recursive_dict_tags_for_guards=yes"):
         with pytest.raises(SystemExit, match=r"expected NAME=0\|1"):
             timeline_script.set_dynamo_flag(setting)
+
+
+def test_the_shape_guard_filter_drops_only_shape_guards(monkeypatch):
+    timeline_script = benchmark_script("profile_step_timeline", monkeypatch)
+    entries = [SimpleNamespace(guard_type=kind) for kind in ("TENSOR_MATCH", "SHAPE_ENV", "TYPE_MATCH", "SHAPE_ENV")]
+    assert timeline_script.GUARD_FILTERS["skip_shape_guards_unsafe"](entries) == [True, False, True, False]
