@@ -14,8 +14,8 @@ graph and kernel first (over 150 s at Llama-2-7B's shape on an H100).
 
 The span from the forward to the runtime is Dynamo's: its guards, then the graph's inputs. ``--dynamo NAME=0|1``
 sets a boolean of ``torch._dynamo.config`` and ``--guard-filter`` passes one of ``torch.compiler``'s guard
-filters (or ``skip_shape_guards_unsafe``) to ``torch.compile``, to see what the guards cost (the 7B shape's 32 layers run on a CPU as
-``--shape llama-2-7b-narrow --device cpu``).
+filters (or ``skip_shape_guards_unsafe``) to ``torch.compile``, to see what the guards cost (the 7B shape's
+32 layers run on a CPU as ``--shape llama-2-7b-narrow --device cpu``).
 """
 
 from __future__ import annotations
