@@ -54,6 +54,10 @@ def test_split_generate_gives_the_unsplit_logits(family):
             assert decode.step_graph == "decode step split for CUDA graphs (run directly: not on CUDA)"
             body_inputs = [n for n in split.body.graph.nodes if n.op == "placeholder"]
             assert not any(isinstance(n.meta.get("example_value", n.meta.get("val")), torch.SymInt) for n in body_inputs)
+            # Every step runs the prologue: it keeps only what its results need, and takes only what it reads.
+            prologue_nodes = [n for n in split.prologue.graph.nodes if n.op != "output"]
+            assert prologue_nodes and all(n.users for n in prologue_nodes)
+            assert len(split.prologue_inputs) == sum(n.op == "placeholder" for n in prologue_nodes)
     errors = [(a - b).abs().max().item() for a, b in zip(outputs[True].logits, outputs[False].logits)]
     print(f"{family}: {len(errors)} steps, largest logit difference {max(errors):.2e}")
     assert torch.equal(outputs[True].sequences, outputs[False].sequences)
