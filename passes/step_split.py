@@ -90,10 +90,6 @@ def _free_symbols(value: Any) -> set[sympy.Symbol]:
     return set()
 
 
-def _is_size(value: Any) -> bool:
-    return isinstance(value, (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool))
-
-
 def _describe(node: Node) -> str:
     return f"{node.name} ({getattr(node.target, '__name__', node.target)})"
 
@@ -213,15 +209,22 @@ def _prologue(
         if node in nodes and node.op != "placeholder":
             env[node] = prologue.node_copy(node, env.__getitem__)
     prologue.output(tuple(env[node] for node in results))
-    # Sizes computed for what the rewrite replaced (each cache's length + 1) have no reader left. Only
-    # sizes go: FX counts a tensor method as pure, and an unread in-place one still acts.
-    for node in reversed(prologue.nodes):
-        if node.op == "call_function" and not node.users and _is_size(fake_value(node)) and not node.is_impure():
-            prologue.erase_node(node)
+    drop_unread_sizes(prologue)
     unread = {index for index in inputs if not env[placeholders[index]].users}
     for index in unread:
         prologue.erase_node(env[placeholders[index]])
     return GraphModule(torch.nn.Module(), prologue), tuple(index for index in inputs if index not in unread)
+
+
+def drop_unread_sizes(graph: torch.fx.Graph) -> None:
+    """Erase the size computations nothing reads (in a prologue: each cache's length + 1, computed for
+    what the rewrite replaced). Only sizes go: FX counts a tensor method as pure, and an unread in-place
+    one still acts."""
+    sizes = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
+    for node in reversed(graph.nodes):
+        unread_size = node.op == "call_function" and not node.users and isinstance(fake_value(node), sizes)
+        if unread_size and not node.is_impure():
+            graph.erase_node(node)
 
 
 def _body(

@@ -8,6 +8,7 @@ the body, exactly what a replay feeds its recording. It must give the logits of 
 from __future__ import annotations
 
 import dataclasses
+import operator
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from transformers import DynamicCache
 
 import kivi_compile
 from kivi_compile import KiviConfig
+from kivi_compile.passes.step_split import drop_unread_sizes
 from kivi_compile.transformers_names import cache_keyword
 
 CONFIG = KiviConfig(group_size=32, residual_length=32, compiler="eager")
@@ -107,3 +109,17 @@ def test_wider_mask_columns_are_not_read():
     ]
     assert torch.isfinite(outs[0]).all()
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+def test_only_unread_sizes_leave_the_prologue():
+    """An unread size goes; an unread in-place tensor method stays (it still writes its tensor)."""
+    graph = torch.fx.Graph()
+    length, mask = graph.placeholder("length"), graph.placeholder("mask")
+    length.meta["val"], mask.meta["val"] = 7, torch.zeros(2, 3)
+    next_length = graph.call_function(operator.add, (length, 1))
+    next_length.meta["val"] = 8
+    filled = graph.call_method("fill_", (mask, 1.0))
+    filled.meta["val"] = mask.meta["val"]
+    graph.output((mask,))
+    drop_unread_sizes(graph)
+    assert [node.name for node in graph.nodes] == ["length", "mask", "fill_", "output"]
