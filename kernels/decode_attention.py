@@ -918,18 +918,16 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     """The Gluon kernel over the blocks quantized on both sides (in splits), then the Triton kernel over the
     rest of each sequence, which combines the Gluon kernel's partials with its own and stores ``out``."""
     capacity = mma_blocks.quantized_capacity(call.key, call.value, call.key_bits)
-    rows = call.q.shape[1] // call.key.residual.shape[1]
-    narrow = mma_blocks.narrow_index(call.key_bits, call.value_bits, rows)
-    splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity, narrow)
+    splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
     partials = _partial_buffers(call, splits)
     mma_blocks.launch(call.q, call.key, call.value, call.key_bits, call.value_bits, call.mask, call.mask_kind,
-                      call.qk_scale, capacity, splits, splits, narrow, *partials)  # fmt: skip
+                      call.qk_scale, capacity, splits, splits, *partials)  # fmt: skip
 
     def tail(tile: triton.Config) -> None:
         _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
 
     mask_dtype = None if call.mask is None else call.mask.dtype
-    query_rows = call.q.shape[2] * rows  # not the padded block_m: one row may take ONE_ROW_TILE, 2 to 16 not
+    query_rows = call.q.shape[2] * call.q.shape[1] // call.key.residual.shape[1]  # not the padded block_m: one row may take ONE_ROW_TILE, 2 to 16 not
     tuning_key = ("tail", query_rows, call.key_bits, call.value_bits, mask_dtype,
                   _work_class(call.programs, call.q.device))  # fmt: skip
     tile = _TUNED_TAIL_TILES.get(tuning_key)

@@ -5,8 +5,8 @@ Why a second kernel: the Triton kernel (``decode_attention.py``) is bound by ins
 by memory (Nsight Compute on the H200, docs/results.md). Triton picks the register layouts itself,
 and most of its main loop moves bytes into the layout its dots read. Gluon, Triton's
 explicit-layout dialect, lets the layouts be written down: each lane loads exactly the codes of its
-``mma.sync.m16n8k16`` fragments and turns each pair of them into two fp16 operands with a shift, one
-``lop3`` and two half-precision operations, with no shared memory.
+``mma.sync.m16n8k16`` fragments and turns each pair of them into two fp16 operands with one ``lop3``
+and two half-precision operations (a shift a word for half of them), with no shared memory.
 
 One warp per program and 32-token blocks (one key group). Lane ``(g, t) = (lane // 4, lane % 4)``.
 Both products are taken transposed, so that the few query rows of a decode step are their N side
@@ -24,8 +24,10 @@ on both sides of the product:
   byte rows;
 - channel ``κ = 16c + 8f + 2t + e`` is channel ``32t + 4c + 2e + f``: lane ``t`` reads the 32
   contiguous bytes ``32t .. 32t + 31`` of its byte row, a fragment's pair ``e = 0, 1`` sits in bytes
-  ``f`` and ``f + 2`` of a 32-bit word, and one shift and one mask put both codes into the top
-  mantissa bits of two fp16 halves (``1 + code / 2^bits``). The query is loaded in ``κ`` order.
+  ``f`` and ``f + 2`` of a 32-bit word. One mask reads both codes where they lie, as the mantissa bits of
+  two fp16 halves whose exponent makes the codes' lowest bit worth 1 (``2^(10 - bit) + code``); the
+  codes of a word's bytes 1 and 3 first take one shift, the word's, to come below the exponent. The
+  query is loaded in ``κ`` order.
 
 For ``Oᵀ = Vᵀ Pᵀ`` (K = the tokens in ``ν`` order, M = output channels) the lane needs tokens
 ``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
@@ -37,6 +39,10 @@ fragment pairs two tokens of one channel, so the two tokens' words are interleav
 Masks (boolean or additive, as the Triton kernel takes them) are read in the score layout, row
 ``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
+
+With one warp a program and 8 programs a multiprocessor, the loop waits on its own loads: up to 8
+query rows it loads the next block's codes, scales and mins while it computes this one (1.06x to
+1.11x as fast on the H100), which costs registers but not programs (see PROGRAMS_PER_MULTIPROCESSOR).
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
 values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The
@@ -62,18 +68,19 @@ HEAD_DIM, GROUP_SIZE, MAX_ROWS = 128, 32, 16  # what the layouts below are writt
 SUPPORTED_BITS = (2, 4)
 # The splits fill one wave of programs and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02)
 # the split that made more programs than fit at once took 0.772 ms against 0.626 for the one below it. How
-# many fit depends on the registers, which depend on the loop's token index (the device lengths are int64):
-# - 32 bits: 161-167 registers a lane up to 8 query rows, so 12 one-warp programs fit a multiprocessor;
-# - 64 bits: 238-252, so 8 fit.
-# H100, kernel alone (sixteenth session): with both 2-bit, 32 bits at 12 programs was 3-11% faster than 64 at 8;
-# with 4-bit codes it was 7-8% slower (ptxas schedules that loop's loads worse in fewer registers), and with 16
-# rows (226 registers, 8 fit) 32 bits was 4% slower.
+# many fit depends on the registers: each of a multiprocessor's 4 schedulers has 16k, so 3 one-warp programs
+# a scheduler (12) fit up to 170 registers a lane and 2 (8) up to 256. Loading each block one iteration ahead
+# takes the kernel to 198-242 registers, so 8 fit (H100, twenty-seventh session: splits for 10 made two waves
+# and took 27% more time). Without the loads ahead, 2-bit codes took 156 registers and 12 fit, and the kernel
+# took 6-11% more time.
 PROGRAMS_PER_MULTIPROCESSOR = 8
-NARROW_PROGRAMS_PER_MULTIPROCESSOR = 12
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
 PREFETCH_BLOCKS = 2
+# Above this many query rows per KV head (16-row products) the loads of the next block spill (H100: 255
+# registers and 52 bytes spilled, 29% more time), so the loop loads each block where it uses it.
+MOST_ROWS_LOADED_AHEAD = 8
 
 _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 _A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
@@ -93,22 +100,32 @@ _VALUE_WORDS = gl.constexpr(gl.DistributedLinearLayout(
     reg_bases=[[0, 0, 0, 0, 1], [0, 1, 0, 0, 0], [1, 0, 0, 0, 0]],
     lane_bases=[[0, 0, 1, 0, 0], [0, 0, 2, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 2, 0], [0, 0, 0, 4, 0]],
     warp_bases=[], block_bases=[], shape=[2, 2, 4, 8, 2]))  # fmt: skip
-ONE_HALVES = 0x3C003C00  # fp16 1.0 twice; a b-bit code at the top mantissa bits makes 1 + code / 2^b
 
 
-def _dequantize_pair(bits: int) -> str:
-    """The asm that dequantizes the two ``bits``-bit codes at the top mantissa bits of word $2's halves:
-    (word & code bits) | ONE_HALVES in one lop3, minus 1.0 (exact), times 2^bits x the scales ($3, $4)
-    plus the mins ($5, $6) in one fma.f16x2, split into its two halves."""
-    code_bits = ((1 << bits) - 1) << (10 - bits)
-    code_bits |= code_bits << 16
-    return (f"{{ .reg .b32 one, x, s, m; mov.b32 one, {ONE_HALVES:#x}; lop3.b32 x, $2, {code_bits:#x}, one, 0xea; "
-            f"sub.f16x2 x, x, one; mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; "
-            f"mov.b32 {{$0, $1}}, x; }}")  # fmt: skip
+def code_bits_and_base(bits: int, at: int) -> tuple[int, int]:
+    """The words that read the two ``bits``-bit codes at bit ``at`` of a word's halves in place: the
+    codes' bits, and fp16 2^(10 - at) twice, whose mantissa bit ``at`` is worth 1. Then
+    (word & code bits) | base is base + code in each half, exactly, up to ``at = 10 - bits``."""
+    if at % 2 or not 0 <= at <= 10 - bits:
+        raise ValueError(f"{bits}-bit codes at bit {at} do not fit the fp16 mantissa in place")
+    code_bits = ((1 << bits) - 1) << at
+    base = (10 - at + 15) << 10  # the exponent of 2^(10 - at), biased by 15
+    return code_bits | code_bits << 16, base | base << 16
 
 
-DEQUANTIZE_PAIR_2 = gl.constexpr(_dequantize_pair(2))
-DEQUANTIZE_PAIR_4 = gl.constexpr(_dequantize_pair(4))
+def _dequantize_pair(bits: int, at: int) -> str:
+    """The asm that dequantizes the two codes that :func:`code_bits_and_base` reads of word $2: base + code
+    in one lop3, minus base (exact: the code), times the scales ($3, $4) plus the mins ($5, $6) in one
+    fma.f16x2, split into its two halves."""
+    code_bits, base = code_bits_and_base(bits, at)
+    return (f"{{ .reg .b32 base, x, s, m; mov.b32 base, {base:#x}; "
+            f"lop3.b32 x, $2, {code_bits:#x}, base, 0xea; sub.f16x2 x, x, base; "
+            f"mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; mov.b32 {{$0, $1}}, x; }}")  # fmt: skip
+
+
+# Indexed by the codes' bit in their half over 2: in place up to bit 10 - bits, the mantissa's top.
+DEQUANTIZE_PAIRS_2 = gl.constexpr(tuple(_dequantize_pair(2, at) for at in range(0, 9, 2)))
+DEQUANTIZE_PAIRS_4 = gl.constexpr(tuple(_dequantize_pair(4, at) for at in range(0, 7, 2)))
 # The running maximum moves only when a row's grows by more than this (log2 units), so the accumulator
 # is rarely rescaled; probabilities up to 2**8 keep fp16's relative precision.
 RESCALE_THRESHOLD = gl.constexpr(8.0)
@@ -151,22 +168,15 @@ def _index(n: gl.constexpr, axis: gl.constexpr, rank: gl.constexpr, layout: gl.c
 
 
 @gluon.jit
-def _moved(words, from_bit: gl.constexpr, to_bit: gl.constexpr):
-    """``words`` shifted so that bit ``from_bit`` lands on ``to_bit``."""
-    if to_bit > from_bit:
-        words = words << (to_bit - from_bit)
-    elif to_bit < from_bit:
-        words = words >> (from_bit - to_bit)
-    return words
-
-
-@gluon.jit
-def _dequantized(words, scale_lo, scale_hi, min_lo, min_hi, BITS: gl.constexpr):
-    """``code * scale + min`` of the codes at the top mantissa bits of each word's halves (bits ``10 - BITS``
-    and ``26 - BITS`` up) as ``[..., 2]`` fp16 (low half first), with 2^BITS x the scales and the mins of
-    each half. Each pair of scales (and mins) goes into one register inside the asm, so ptxas keeps the
-    halves paired as the tensor cores read them."""
-    asm: gl.constexpr = DEQUANTIZE_PAIR_2 if BITS == 2 else DEQUANTIZE_PAIR_4
+def _dequantized(words, high_words, AT: gl.constexpr, scale_lo, scale_hi, min_lo, min_hi, BITS: gl.constexpr):
+    """``code * scale + min`` of the codes at bit ``AT`` of each word's halves as ``[..., 2]`` fp16 (low
+    half first), with the scales and the mins of each half. Codes above the mantissa are read from
+    ``high_words``, the words shifted right by 8. Each pair of scales (and mins) goes into one register
+    inside the asm, so ptxas keeps the halves paired as the tensor cores read them."""
+    if AT > 10 - BITS:
+        words = high_words
+    at: gl.constexpr = AT - 8 if AT > 10 - BITS else AT
+    asm: gl.constexpr = DEQUANTIZE_PAIRS_2[at // 2] if BITS == 2 else DEQUANTIZE_PAIRS_4[at // 2]
     lo, hi = gl.inline_asm_elementwise(asm, "=h,=h,r,h,h,h,h", [words, scale_lo, scale_hi, min_lo, min_hi],
                                        dtype=(gl.float16, gl.float16), is_pure=True, pack=1)  # fmt: skip
     return gl.join(lo, hi)
@@ -199,23 +209,35 @@ def _key_lane(words, code: gl.constexpr, scale, group_min, BITS: gl.constexpr):
     """Keys of code ``code`` of each byte as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
     s00, s01, s10, s11 = scale
     m00, m01, m10, m11 = group_min
-    top: gl.constexpr = 10 - BITS  # the lowest mantissa bit a code takes
-    return gl.join(_dequantized(_moved(words, BITS * code, top), s00, s01, m00, m01, BITS),
-                   _dequantized(_moved(words, 8 + BITS * code, top), s10, s11, m10, m11, BITS))  # fmt: skip
+    high_words = words >> 8
+    return gl.join(_dequantized(words, high_words, BITS * code, s00, s01, m00, m01, BITS),
+                   _dequantized(words, high_words, 8 + BITS * code, s10, s11, m10, m11, BITS))  # fmt: skip
 
 
 @gluon.jit
-def _key_operand(kc, ks, km, start, word_offsets, scale_offsets, BITS: gl.constexpr):
-    """The block's keys as the ``[ν, κ]`` operand of ``Sᵀ = K Qᵀ``, dequantized in fp16."""
+def _key_loads(kc, ks, km, start, word_offsets, scale_offsets, valid, BITS: gl.constexpr):
+    """The block's key words (two sets with 4 bits), scales and mins as loaded (none where not ``valid``)."""
     rows = kc + start * (4 * BITS)  # the block's first byte row (32 words a row)
-    scale = _key_word_pairs(gl.load(ks + (start // BLOCK) * 128 + scale_offsets) * (1 << BITS))
-    group_min = _key_word_pairs(gl.load(km + (start // BLOCK) * 128 + scale_offsets))
-    words = gl.load(rows + word_offsets).to(gl.uint32, bitcast=True)
+    words = gl.load(rows + word_offsets, mask=valid)
+    more = words
+    if BITS == 4:
+        more = gl.load(rows + 8 * 32 + word_offsets, mask=valid)
+    scale = gl.load(ks + (start // BLOCK) * 128 + scale_offsets, mask=valid)
+    group_min = gl.load(km + (start // BLOCK) * 128 + scale_offsets, mask=valid)
+    return words, more, scale, group_min
+
+
+@gluon.jit
+def _key_operand(loaded, BITS: gl.constexpr):
+    """The block's keys (:func:`_key_loads`) as the ``[ν, κ]`` operand of ``Sᵀ = K Qᵀ``, dequantized in fp16."""
+    words = loaded[0].to(gl.uint32, bitcast=True)
+    scale = _key_word_pairs(loaded[2])
+    group_min = _key_word_pairs(loaded[3])
     if BITS == 2:  # tokens 4g + j: code j of byte row g
         x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
                     gl.join(_key_lane(words, 2, scale, group_min, BITS), _key_lane(words, 3, scale, group_min, BITS)))
     else:  # tokens 2g + 16 j1 + j0: code j0 of byte row g + 8 j1
-        more = gl.load(rows + 8 * 32 + word_offsets).to(gl.uint32, bitcast=True)
+        more = loaded[1].to(gl.uint32, bitcast=True)
         x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
                     gl.join(_key_lane(more, 0, scale, group_min, BITS), _key_lane(more, 1, scale, group_min, BITS)))
     # [c, t, g, e, f, j0, j1] -> [j1, j0, g, c, f, t, e]: nu = 8j + g, kappa = 16c + 8f + 2t + e
@@ -227,10 +249,10 @@ def _value_channel(halves, u: gl.constexpr, scale, group_min, BITS: gl.constexpr
     """Values of output channel ``u`` of each lane's 16 channels (two tokens) as ``[h, f, t, g, e]`` fp16.
     ``halves`` hold the two tokens' codes of 16 // BITS channels each, one token per 16-bit half."""
     per_half: gl.constexpr = 16 // BITS
-    words = _moved(halves[u // per_half], BITS * (u % per_half), 10 - BITS)
+    words = halves[u // per_half]
     s_lo, s_hi = gl.split(scale)
     m_lo, m_hi = gl.split(group_min)
-    return _dequantized(words, s_lo, s_hi, m_lo, m_hi, BITS)
+    return _dequantized(words, words >> 8, BITS * (u % per_half), s_lo, s_hi, m_lo, m_hi, BITS)
 
 
 @gluon.jit
@@ -250,16 +272,26 @@ def _interleaved(words):
 
 
 @gluon.jit
-def _value_operand(vc, vs, vm, start, word_offsets, scale_offsets, BITS: gl.constexpr):
-    """The block's values as the ``[μ, ν]`` operand of ``Oᵀ = Vᵀ Pᵀ``, dequantized in fp16."""
+def _value_loads(vc, vs, vm, start, word_offsets, scale_offsets, valid, BITS: gl.constexpr):
+    """The block's value words (two sets with 4 bits), scales and mins as loaded (none where not ``valid``)."""
     codes = vc + start * (4 * BITS)  # the block's first token (4 * BITS words a token)
-    if BITS == 2:  # word g: channels 16g .. 16g + 15
-        halves = _interleaved(gl.load(codes + word_offsets).to(gl.uint32, bitcast=True))
-    else:  # words 2g and 2g + 1
-        halves = (_interleaved(gl.load(codes + word_offsets).to(gl.uint32, bitcast=True))
-                  + _interleaved(gl.load(codes + word_offsets + 1).to(gl.uint32, bitcast=True)))  # fmt: skip
-    scale = gl.load(vs + start * 4 + scale_offsets) * (1 << BITS)
-    group_min = gl.load(vm + start * 4 + scale_offsets)
+    words = gl.load(codes + word_offsets, mask=valid)  # word g: channels 16g .. 16g + 15 (2g with 4 bits)
+    more = words
+    if BITS == 4:
+        more = gl.load(codes + word_offsets + 1, mask=valid)  # word 2g + 1
+    scale = gl.load(vs + start * 4 + scale_offsets, mask=valid)
+    group_min = gl.load(vm + start * 4 + scale_offsets, mask=valid)
+    return words, more, scale, group_min
+
+
+@gluon.jit
+def _value_operand(loaded, BITS: gl.constexpr):
+    """The block's values (:func:`_value_loads`) as the ``[μ, ν]`` operand of ``Oᵀ = Vᵀ Pᵀ``, dequantized in fp16."""
+    halves = _interleaved(loaded[0].to(gl.uint32, bitcast=True))
+    if BITS == 4:
+        halves = halves + _interleaved(loaded[1].to(gl.uint32, bitcast=True))
+    scale = loaded[2]
+    group_min = loaded[3]
     v = gl.join(gl.join(_value_quad(halves, 0, scale, group_min, BITS), _value_quad(halves, 4, scale, group_min, BITS)),
                 gl.join(_value_quad(halves, 8, scale, group_min, BITS),
                         _value_quad(halves, 12, scale, group_min, BITS)))  # fmt: skip
@@ -315,7 +347,7 @@ def _quantized_blocks_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
     ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr, KEY_BITS: gl.constexpr,
-    VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr,
+    VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr, LOADS_AHEAD: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
@@ -353,7 +385,7 @@ def _quantized_blocks_kernel(
     mask_ptrs = (mask_ptr + batch * stride_mb + heads[None, :] * stride_mh
                  + _block_token(nu % 8, nu // 8, KEY_BITS)[:, None] * stride_mt)  # fmt: skip
     both_quantized = gl.minimum(gl.load(k_lengths_ptr + _N_QUANT), gl.load(v_lengths_ptr + _N_QUANT))
-    if NARROW_INDEX:  # see PROGRAMS_PER_MULTIPROCESSOR
+    if NARROW_INDEX:  # see narrow_index
         both_quantized = both_quantized.to(gl.int32)
     first = split * tokens_per_split
     last = gl.minimum(first + tokens_per_split, (both_quantized // BLOCK) * BLOCK)
@@ -362,11 +394,23 @@ def _quantized_blocks_kernel(
     row_max = gl.full([N], -float("inf"), gl.float32, layout=gl.SliceLayout(0, _MMA))
     if PREFETCH > 0:
         _prefetch(kc, ks, km, vc, vs, vm, first, gl.minimum(PREFETCH * BLOCK, last - first), KEY_BITS, VALUE_BITS)
+    if LOADS_AHEAD:
+        key_ahead = _key_loads(kc, ks, km, first, key_words, key_scales, first < last, KEY_BITS)
+        value_ahead = _value_loads(vc, vs, vm, first, value_words, value_scales, first < last, VALUE_BITS)
     for start in range(first, last, BLOCK):
         if PREFETCH > 0:
             ahead = start + PREFETCH * BLOCK
             _prefetch(kc, ks, km, vc, vs, vm, ahead, gl.where(ahead < last, BLOCK, 0), KEY_BITS, VALUE_BITS)
-        keys = _key_operand(kc, ks, km, start, key_words, key_scales, KEY_BITS)
+        if LOADS_AHEAD:
+            key_block = key_ahead
+            value_block = value_ahead
+            key_ahead = _key_loads(kc, ks, km, start + BLOCK, key_words, key_scales, start + BLOCK < last, KEY_BITS)
+            value_ahead = _value_loads(vc, vs, vm, start + BLOCK, value_words, value_scales, start + BLOCK < last,
+                                       VALUE_BITS)  # fmt: skip
+        else:
+            key_block = _key_loads(kc, ks, km, start, key_words, key_scales, None, KEY_BITS)
+            value_block = _value_loads(vc, vs, vm, start, value_words, value_scales, None, VALUE_BITS)
+        keys = _key_operand(key_block, KEY_BITS)
         scores = gl.nvidia.ampere.mma_v2(keys, q, gl.zeros([32, N], gl.float32, layout=_MMA)) * qk_scale
         if MASK_KIND != 0:
             scores = _masked(scores, mask_ptrs + start * stride_mt, MASK_KIND)
@@ -379,7 +423,7 @@ def _quantized_blocks_kernel(
             row_max = new_max
         probs = gl.exp2(scores - _finite_max(row_max)[None, :])
         row_sum += probs
-        values = _value_operand(vc, vs, vm, start, value_words, value_scales, VALUE_BITS)
+        values = _value_operand(value_block, VALUE_BITS)
         acc = gl.nvidia.ampere.mma_v2(values, gl.convert_layout(probs.to(gl.float16), _B), acc)
 
     partial = (pid * num_partials + split) * 16
@@ -439,27 +483,26 @@ def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> i
 
 
 def narrow_index(key_bits: int, value_bits: int, rows: int) -> bool:
-    """Whether the kernel's token index is 32-bit for these codes and query rows (see PROGRAMS_PER_MULTIPROCESSOR)."""
+    """Whether the kernel's token index is 32-bit for these codes and query rows: fewer registers and
+    instructions (H100, sixteenth session: 3-11% faster with 2-bit codes, 7-8% slower with 4-bit ones)."""
     return key_bits == value_bits == 2 and rows <= 8
 
 
-def num_splits(programs: int, multiprocessors: int, quantized_capacity: int, narrow: bool) -> int:
-    """As many splits of the quantized blocks as fill one wave of programs (at least one); ``narrow``:
-    :func:`narrow_index`."""
-    per_multiprocessor = NARROW_PROGRAMS_PER_MULTIPROCESSOR if narrow else PROGRAMS_PER_MULTIPROCESSOR
-    fitting = per_multiprocessor * multiprocessors // programs
+def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
+    """As many splits of the quantized blocks as fill one wave of programs (at least one)."""
+    fitting = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
 def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
            mask: torch.Tensor | None, mask_kind: int, qk_scale: float, capacity: int, splits: int, num_partials: int,
-           narrow: bool, acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
+           acc: torch.Tensor, row_max: torch.Tensor, row_sum: torch.Tensor) -> None:  # fmt: skip
     """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
     ``mask`` is ``[B, Hq, 1, T]`` (bool as uint8, ``mask_kind`` 1; additive, 2; None, 0), ``qk_scale`` in
-    log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken, as it has
-    ``narrow`` (:func:`narrow_index`), which chose the splits."""
+    log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken."""
     batch, q_heads = q.shape[:2]
     kv_heads = key.residual.shape[1]
+    rows = q_heads // kv_heads
     tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
     key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
     mask_strides = (0, 0, 0) if mask is None else (mask.stride(0), mask.stride(1), mask.stride(3))
@@ -472,7 +515,8 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
         *value.scales.stride()[:2], value.lengths,
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
-        ROWS=q_heads // kv_heads, MASK_KIND=mask_kind,
+        ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
-        VALUE_BITS=value_bits, NARROW_INDEX=narrow, num_warps=1,
+        VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
+        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD, num_warps=1,
     )  # fmt: skip

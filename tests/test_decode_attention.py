@@ -343,6 +343,26 @@ def test_gluon_blocks_take_padding_masks(q_heads, kv_heads, mask_kind, bits, mon
     check(q, key, value, spec_k, spec_v, mask=mask)
 
 
+@pytest.mark.parametrize("bits, at", [(2, at) for at in range(0, 9, 2)] + [(4, at) for at in range(0, 7, 2)])
+def test_gluon_codes_read_in_place_are_exact(bits, at):
+    """The Gluon kernel's lop3 constants: every pair of codes at bit ``at`` of a word's halves, among random
+    other bits, becomes base + code in fp16, and base + code - base is the code."""
+    code_bits, base = decode_attention_mma.code_bits_and_base(bits, at)
+    codes = torch.cartesian_prod(torch.arange(1 << bits), torch.arange(1 << bits))  # (low half, high half)
+    noise = torch.randint(0, 1 << 32, (len(codes),), dtype=torch.int64)
+    words = noise & ~code_bits | codes[:, 0] << at | codes[:, 1] << (16 + at)
+    read = ((words & code_bits) | base).to(torch.int32).view(torch.float16).view(-1, 2)
+    base_half = torch.tensor([base & 0xFFFF], dtype=torch.int16).view(torch.float16)
+    assert torch.equal(read.float() - base_half.float(), codes.float())
+    assert torch.equal(read - base_half, codes.to(torch.float16))  # the subtraction in fp16 is exact
+
+
+@pytest.mark.parametrize("bits, at", [(2, 9), (2, 10), (4, 8)])
+def test_gluon_codes_past_the_mantissa_are_refused(bits, at):
+    with pytest.raises(ValueError, match=f"{bits}-bit codes at bit {at}"):
+        decode_attention_mma.code_bits_and_base(bits, at)
+
+
 def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
     spec = CacheSpec(True, 2, 32, 32)
     key = filled_cache(spec, 1, 2, 128, torch.float16, 100, [])
@@ -417,7 +437,7 @@ def test_the_gluon_kernel_needs_a_cuda_gpu():
 
 
 def gluon_stand_in(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, capacity, splits, num_partials,
-                   narrow, acc, row_max, row_sum):  # fmt: skip
+                   acc, row_max, row_sum):  # fmt: skip
     """The Gluon kernel's contract, played by PyTorch for caches of 2 batch rows, 2 KV heads, D = 32 and
     G = 8: partial 0 of each KV head holds its blocks quantized on both sides, rounded down to 32 tokens;
     the other splits are empty."""
@@ -447,8 +467,7 @@ def use_gluon_stand_in(monkeypatch) -> None:
     """Every decode-attention call takes the Gluon path, with :func:`gluon_stand_in` as the Gluon kernel."""
     stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
                                      quantized_capacity=decode_attention_mma.quantized_capacity,
-                                     num_splits=decode_attention_mma.num_splits,
-                                     narrow_index=decode_attention_mma.narrow_index)  # fmt: skip
+                                     num_splits=decode_attention_mma.num_splits)  # fmt: skip
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
