@@ -927,7 +927,8 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
         _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
 
     mask_dtype = None if call.mask is None else call.mask.dtype
-    query_rows = call.q.shape[2] * call.q.shape[1] // call.key.residual.shape[1]  # not the padded block_m: one row may take ONE_ROW_TILE, 2 to 16 not
+    rows = call.q.shape[1] // call.key.residual.shape[1]
+    query_rows = call.q.shape[2] * rows  # not the padded block_m: one row may take ONE_ROW_TILE, 2 to 16 not
     tuning_key = ("tail", query_rows, call.key_bits, call.value_bits, mask_dtype,
                   _work_class(call.programs, call.q.device))  # fmt: skip
     tile = _TUNED_TAIL_TILES.get(tuning_key)

@@ -120,7 +120,8 @@ def _dequantize_pair(bits: int, at: int) -> str:
     code_bits, base = code_bits_and_base(bits, at)
     return (f"{{ .reg .b32 base, x, s, m; mov.b32 base, {base:#x}; "
             f"lop3.b32 x, $2, {code_bits:#x}, base, 0xea; sub.f16x2 x, x, base; "
-            f"mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; mov.b32 {{$0, $1}}, x; }}")  # fmt: skip
+            f"mov.b32 s, {{$3, $4}}; mov.b32 m, {{$5, $6}}; fma.rn.f16x2 x, x, s, m; "
+            f"mov.b32 {{$0, $1}}, x; }}")  # fmt: skip
 
 
 # Indexed by the codes' bit in their half over 2: in place up to bit 10 - bits, the mantissa's top.
@@ -286,7 +287,8 @@ def _value_loads(vc, vs, vm, start, word_offsets, scale_offsets, valid, BITS: gl
 
 @gluon.jit
 def _value_operand(loaded, BITS: gl.constexpr):
-    """The block's values (:func:`_value_loads`) as the ``[μ, ν]`` operand of ``Oᵀ = Vᵀ Pᵀ``, dequantized in fp16."""
+    """The block's values (:func:`_value_loads`) as the ``[μ, ν]`` operand of ``Oᵀ = Vᵀ Pᵀ``, dequantized in
+    fp16."""
     halves = _interleaved(loaded[0].to(gl.uint32, bitcast=True))
     if BITS == 4:
         halves = halves + _interleaved(loaded[1].to(gl.uint32, bitcast=True))
