@@ -918,7 +918,9 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     """The Gluon kernel over the blocks quantized on both sides (in splits), then the Triton kernel over the
     rest of each sequence, which combines the Gluon kernel's partials with its own and stores ``out``."""
     capacity = mma_blocks.quantized_capacity(call.key, call.value, call.key_bits)
-    splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity)
+    fitting = mma_blocks.programs_per_multiprocessor(call.q, call.key, call.value, call.key_bits, call.value_bits,
+                                                     call.mask, call.mask_kind)  # fmt: skip
+    splits = mma_blocks.num_splits(call.programs, _multiprocessors(call.q.device), capacity, fitting)
     partials = _partial_buffers(call, splits)
     mma_blocks.launch(call.q, call.key, call.value, call.key_bits, call.value_bits, call.mask, call.mask_kind,
                       call.qk_scale, capacity, splits, splits, *partials)  # fmt: skip

@@ -40,9 +40,9 @@ Masks (boolean or additive, as the Triton kernel takes them) are read in the sco
 ``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
-With one warp a program and 8 programs a multiprocessor, the loop waits on its own loads: up to 8
+With one warp a program and 8 or 12 programs a multiprocessor, the loop waits on its own loads: up to 8
 query rows it loads the next block's codes, scales and mins while it computes this one (1.06x to
-1.11x as fast on the H100), which costs registers but not programs (see PROGRAMS_PER_MULTIPROCESSOR).
+1.11x as fast on the H100), which costs registers (see programs_per_multiprocessor).
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
 values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The
@@ -59,7 +59,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .cache_layout import N_QUANT, QuantizedKV
-from .launch import launch_kernel
+from .launch import compiled_registers, launch_kernel
 from .quantize import codes_per_byte
 
 BLOCK = gl.constexpr(32)  # tokens per block: one key group
@@ -67,13 +67,11 @@ _N_QUANT = gl.constexpr(N_QUANT)
 HEAD_DIM, GROUP_SIZE, MAX_ROWS = 128, 32, 16  # what the layouts below are written for
 SUPPORTED_BITS = (2, 4)
 # The splits fill one wave of programs and no more: in a prototype's sweep (B = 8, T = 32k, H200, 2026-12-02)
-# the split that made more programs than fit at once took 0.772 ms against 0.626 for the one below it. How
-# many fit depends on the registers: each of a multiprocessor's 4 schedulers has 16k, so 3 one-warp programs
-# a scheduler (12) fit up to 170 registers a lane and 2 (8) up to 256. Loading each block one iteration ahead
-# takes the kernel to 198-242 registers, so 8 fit (H100, twenty-seventh session: splits for 10 made two waves
-# and took 27% more time). Without the loads ahead, 2-bit codes took 156 registers and 12 fit, and the kernel
-# took 6-11% more time.
-PROGRAMS_PER_MULTIPROCESSOR = 8
+# the split that made more programs than fit at once took 0.772 ms against 0.626 for the one below it; on
+# the H100 (twenty-seventh session), splits for 10 programs a multiprocessor where 8 fit took 27% more time.
+# How many fit depends on the registers the compiler gave the kernel (programs_per_multiprocessor).
+SCHEDULERS_PER_MULTIPROCESSOR = 4
+REGISTERS_PER_SCHEDULER = 16384  # 32-bit registers, sm_80 to sm_90; a warp is given them 256 at a time
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
@@ -340,8 +338,10 @@ def _finite_max(row_max):
 
 
 # The mask's strides hold the sequence length, which grows every decode step: specializing on them
-# (divisible by 16 or not) would compile the kernel again mid-generate.
-@gluon.jit(do_not_specialize=("stride_mb", "stride_mh"))
+# (divisible by 16 or not) would compile the kernel again mid-generate. Nor is it specialized on the
+# partials' count, so the kernel compiled to count its registers (programs_per_multiprocessor) is the
+# one launched, whatever the splits.
+@gluon.jit(do_not_specialize=("stride_mb", "stride_mh", "num_partials"))
 def _quantized_blocks_kernel(
     q_ptr, stride_qb, stride_qh,
     kc_ptr, stride_kcb, stride_kch, ks_ptr, km_ptr, stride_ksb, stride_ksh, k_lengths_ptr,
@@ -374,12 +374,15 @@ def _quantized_blocks_kernel(
     vm = vm_ptr + batch * stride_vsb + kv_head * stride_vsh
     key_words = _index(8, 0, 3, _KW_C) + 8 * _index(4, 1, 3, _KW_T) + 32 * _index(8, 2, 3, _KW_G)
     key_scales = 32 * _index(4, 0, 2, _KS_T) + _index(32, 1, 2, _KS_P)
-    # nu = 16h + 8f + 2t + e: g = 2t + e, j = 2h + f
-    tokens = _block_token(2 * _index(4, 2, 5, _VW_T) + _index(2, 4, 5, _VW_E),
-                          2 * _index(2, 0, 5, _VW_H) + _index(2, 1, 5, _VW_F), KEY_BITS)  # fmt: skip
+    # nu = 16h + 8f + 2t + e: g = 2t + e, j = 2h + f. Each offset is the lane's part (t, g) plus the part of
+    # its registers (h, f, e), the same in every lane: kept apart, the second folds into the loads' immediates
+    # (H100, twenty-eighth session: 168 registers instead of 198 with 2-bit codes, 1.10x as fast at T = 340).
+    per_byte: gl.constexpr = 8 // KEY_BITS
+    lane_tokens = (2 * per_byte) * _index(4, 2, 5, _VW_T)
+    reg_tokens = _block_token(_index(2, 4, 5, _VW_E), 2 * _index(2, 0, 5, _VW_H) + _index(2, 1, 5, _VW_F), KEY_BITS)
     word = _index(8, 3, 5, _VW_G)
-    value_words = tokens * (4 * VALUE_BITS) + word * (VALUE_BITS // 2)
-    value_scales = tokens * 4 + word // 2
+    value_words = (lane_tokens * (4 * VALUE_BITS) + word * (VALUE_BITS // 2)) + reg_tokens * (4 * VALUE_BITS)
+    value_scales = (lane_tokens * 4 + word // 2) + reg_tokens * 4
 
     # Padding rows (ROWS .. N - 1) read the last row's mask: never past the mask's last head, and never stored.
     heads = kv_head * ROWS + gl.minimum(gl.arange(0, N, layout=gl.SliceLayout(0, _MMA)), ROWS - 1)
@@ -490,9 +493,34 @@ def narrow_index(key_bits: int, value_bits: int, rows: int) -> bool:
     return key_bits == value_bits == 2 and rows <= 8
 
 
-def num_splits(programs: int, multiprocessors: int, quantized_capacity: int) -> int:
-    """As many splits of the quantized blocks as fill one wave of programs (at least one)."""
-    fitting = PROGRAMS_PER_MULTIPROCESSOR * multiprocessors // programs
+def programs_per_multiprocessor(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
+                                value_bits: int, mask: torch.Tensor | None, mask_kind: int) -> int:  # fmt: skip
+    """How many of the kernel's one-warp programs fit a multiprocessor at once for these inputs: as many as
+    each scheduler's registers hold at the count the compiler gave the kernel (compiled here, not launched,
+    the first time; its constexprs decide the count, the first call's strides standing for the others').
+    On the H100 (Triton 3.6), 2-bit codes and one query row take 168 registers (2 spilled), so 12 fit; the
+    other variants timed there 186 to 219, so 8."""
+    rows = q.shape[1] // key.residual.shape[1]
+    variant = (q.device, rows, mask_kind, key_bits, value_bits)
+    fitting = _PROGRAMS_PER_MULTIPROCESSOR.get(variant)
+    if fitting is None:
+        partials = (torch.float32,) * 3  # dtypes stand for the partial buffers, which need the splits
+        args, options = _arguments(q, key, value, key_bits, value_bits, mask, mask_kind, 1.0, BLOCK.value, 1,
+                                   *partials)  # fmt: skip
+        per_warp = 32 * -(-compiled_registers(_quantized_blocks_kernel, *args, **options) // 8) * 8
+        fitting = _PROGRAMS_PER_MULTIPROCESSOR[variant] = SCHEDULERS_PER_MULTIPROCESSOR * (
+            REGISTERS_PER_SCHEDULER // per_warp
+        )
+    return fitting
+
+
+_PROGRAMS_PER_MULTIPROCESSOR: dict[tuple, int] = {}
+
+
+def num_splits(programs: int, multiprocessors: int, quantized_capacity: int, per_multiprocessor: int) -> int:
+    """As many splits of the quantized blocks as fill one wave of programs, ``per_multiprocessor`` a
+    multiprocessor (:func:`programs_per_multiprocessor`), and at least one."""
+    fitting = per_multiprocessor * multiprocessors // programs
     return max(1, min(fitting, quantized_capacity // MIN_TOKENS_PER_SPLIT))
 
 
@@ -502,14 +530,21 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
     """Partials ``0 .. splits - 1`` of each KV head (of ``num_partials``) over its quantized blocks;
     ``mask`` is ``[B, Hq, 1, T]`` (bool as uint8, ``mask_kind`` 1; additive, 2; None, 0), ``qk_scale`` in
     log2 units and ``capacity`` :func:`quantized_capacity`, which the caller has already taken."""
-    batch, q_heads = q.shape[:2]
-    kv_heads = key.residual.shape[1]
-    rows = q_heads // kv_heads
     tokens_per_split = -(-capacity // (splits * BLOCK.value)) * BLOCK.value
+    args, options = _arguments(q, key, value, key_bits, value_bits, mask, mask_kind, qk_scale, tokens_per_split,
+                               num_partials, acc, row_max, row_sum)  # fmt: skip
+    launch_kernel(_quantized_blocks_kernel, (q.shape[0] * key.residual.shape[1], splits), *args, **options)
+
+
+def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
+               mask: torch.Tensor | None, mask_kind: int, qk_scale: float, tokens_per_split: int, num_partials: int,
+               acc, row_max, row_sum) -> tuple[tuple, dict]:  # fmt: skip
+    """The kernel's arguments and options for a launch (or a compile: the partials may be dtypes)."""
+    kv_heads = key.residual.shape[1]
+    rows = q.shape[1] // kv_heads
     key_words, value_words = key.codes.view(torch.int32), value.codes.view(torch.int32)
     mask_strides = (0, 0, 0) if mask is None else (mask.stride(0), mask.stride(1), mask.stride(3))
-    launch_kernel(
-        _quantized_blocks_kernel, (batch * kv_heads, splits),
+    args = (
         q, q.stride(0), q.stride(1),
         key_words, key_words.stride(0), key_words.stride(1), key.scales, key.mins, *key.scales.stride()[:2],
         key.lengths,
@@ -517,8 +552,11 @@ def launch(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int,
         *value.scales.stride()[:2], value.lengths,
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
+    )  # fmt: skip
+    options = dict(
         ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
         LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD, num_warps=1,
     )  # fmt: skip
+    return args, options

@@ -71,3 +71,12 @@ def _takes_direct_path(kernel: Any) -> bool:
 def _no_hook(hook: Any) -> bool:
     """Triton 3.6's launch hooks are ``HookChain`` objects, empty until a profiler adds to them."""
     return hook is None or not getattr(hook, "calls", True)
+
+
+def compiled_registers(kernel: Any, *args: Any, **options: Any) -> int:
+    """Registers a lane of the kernel that ``kernel[grid](*args, **options)`` launches, compiled now if
+    Triton has not yet (``warmup``: nothing runs). A tensor argument may be given as its dtype."""
+    compiled = kernel.warmup(*args, grid=(1,), **options)
+    compiled = compiled.result() if hasattr(compiled, "result") else compiled
+    compiled._init_handles()  # loading the binary onto the device is what reports its registers
+    return compiled.n_regs

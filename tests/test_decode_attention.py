@@ -300,6 +300,30 @@ def test_gluon_blocks_take_keys_and_values_of_different_bits(key_bits, value_bit
 
 @pytest.mark.gpu
 @on_gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
+def test_gluon_kernel_compiled_to_count_its_registers_is_the_one_launched(q_heads, kv_heads, monkeypatch):
+    """The splits are fitted to the registers of a kernel compiled before the partial buffers exist; the
+    launch over those splits must find it compiled (one specialization, not a second compile), and as
+    many programs a multiprocessor as the splits are for must fit its registers."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    monkeypatch.setattr(decode_attention_mma, "_PROGRAMS_PER_MULTIPROCESSOR", {})
+    monkeypatch.setattr(launch, "_COMPILED", {})  # the launch goes through Triton's cache, cleared below
+    kernel = decode_attention_mma._quantized_blocks_kernel
+    compiled_kernels = kernel.device_caches[torch.cuda.current_device()][0]
+    compiled_kernels.clear()  # Triton's in-memory compiles of the kernel; later tests load theirs from disk
+    q, key, value, spec_k, spec_v = real_size_gluon_inputs(q_heads, kv_heads, 2, 2, prompt=4001, steps=[1] * 70)
+    check(q, key, value, spec_k, spec_v)
+    (compiled,) = compiled_kernels.values()
+    (fitting,) = decode_attention_mma._PROGRAMS_PER_MULTIPROCESSOR.values()
+    registers_per_warp = 32 * -(-compiled.n_regs // 8) * 8
+    assert fitting * registers_per_warp <= 65536 < (fitting + 4) * registers_per_warp
+    capacity = decode_attention_mma.quantized_capacity(key, value, 2)
+    assert decode_attention_mma.num_splits(3 * kv_heads, decode_attention._multiprocessors(q.device), capacity,
+                                           fitting) > 1  # fmt: skip
+
+
+@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
 def test_every_tail_tile_matches_float64(q_heads, kv_heads, bits, monkeypatch):
@@ -389,7 +413,8 @@ def test_a_programs_query_rows_pad_to_a_power_of_two_of_at_least_16(rows):
 
 
 def counted_triton_launches(monkeypatch) -> dict[str, int]:
-    """Launches that go through ``JITFunction.run`` (Triton's own path), per kernel."""
+    """Launches that go through ``JITFunction.run`` (Triton's own path), per kernel; a compile that
+    launches nothing (``warmup``, as :func:`decode_attention_mma.programs_per_multiprocessor` asks) is none."""
     counts = {}
     kernels = {"gluon": decode_attention_mma._quantized_blocks_kernel, "split": decode_attention._decode_attention_kernel,
                "combine": decode_attention._combine_splits_kernel}  # fmt: skip
@@ -397,7 +422,7 @@ def counted_triton_launches(monkeypatch) -> dict[str, int]:
         counts[name] = 0
 
         def counted(*args, _run=kernel.run, _name=name, **kwargs):
-            counts[_name] += 1
+            counts[_name] += not kwargs["warmup"]
             return _run(*args, **kwargs)
 
         monkeypatch.setattr(kernel, "run", counted)
@@ -467,7 +492,8 @@ def use_gluon_stand_in(monkeypatch) -> None:
     """Every decode-attention call takes the Gluon path, with :func:`gluon_stand_in` as the Gluon kernel."""
     stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
                                      quantized_capacity=decode_attention_mma.quantized_capacity,
-                                     num_splits=decode_attention_mma.num_splits)  # fmt: skip
+                                     num_splits=decode_attention_mma.num_splits,
+                                     programs_per_multiprocessor=lambda *inputs: 8)  # fmt: skip
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
     monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
