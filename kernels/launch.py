@@ -11,6 +11,9 @@ looks up is the one Triton computes, and once Triton has compiled and launched t
 calls its launcher directly: 25 us less host time per call of the op at T = 1k, 96 us at T = 4k (then
 three launches) and 10 us per append on the H100 machine (fourteenth session, docs/results.md). Whatever
 this module was not checked against takes Triton's path.
+
+:func:`compiled_registers` tells how many registers a launch's kernel takes before it is launched (the
+Gluon kernel's splits are fitted to them).
 """
 
 from __future__ import annotations
