@@ -43,7 +43,7 @@ from triton.compiler.errors import CompileTimeAssertionFailure
 from triton.runtime.errors import OutOfResources, PTXASError
 
 from .cache_layout import QuantizedKV, dequantize_cache_ref, triton_layout_unsupported
-from .launch import launch_kernel
+from .launch import REGISTERS_PER_MULTIPROCESSOR, launch_kernel
 from .quantize import codes_per_byte
 
 try:
@@ -128,7 +128,6 @@ MIN_GRANULES_PER_SPLIT = 8
 # 2-bit, 1.27 vs 1.39 ms); more programs keep more loads in flight. A tile whose register cap lets
 # more programs share a multiprocessor is also tried split for all of them (:func:`_plans`).
 PROGRAMS_PER_MULTIPROCESSOR = 4
-REGISTERS_PER_MULTIPROCESSOR = 65536  # 32-bit registers, sm_80 to sm_90
 # The most programs per multiprocessor a plan splits for (more fit only under a lower register cap).
 MOST_PROGRAMS_PER_MULTIPROCESSOR = 8
 # The Gluon kernel takes the quantized blocks only when there are at least this many (tokens the buffers

@@ -59,7 +59,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 
 from .cache_layout import N_QUANT, QuantizedKV
-from .launch import compiled_registers, launch_kernel
+from .launch import REGISTERS_PER_MULTIPROCESSOR, compiled_registers, launch_kernel
 from .quantize import codes_per_byte
 
 BLOCK = gl.constexpr(32)  # tokens per block: one key group
@@ -70,8 +70,7 @@ SUPPORTED_BITS = (2, 4)
 # the split that made more programs than fit at once took 0.772 ms against 0.626 for the one below it; on
 # the H100 (twenty-seventh session), splits for 10 programs a multiprocessor where 8 fit took 27% more time.
 # How many fit depends on the registers the compiler gave the kernel (programs_per_multiprocessor).
-SCHEDULERS_PER_MULTIPROCESSOR = 4
-REGISTERS_PER_SCHEDULER = 16384  # 32-bit registers, sm_80 to sm_90; a warp is given them 256 at a time
+SCHEDULERS_PER_MULTIPROCESSOR = 4  # each with a quarter of the registers, given to a warp 256 at a time
 MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
@@ -510,9 +509,8 @@ def programs_per_multiprocessor(q: torch.Tensor, key: QuantizedKV, value: Quanti
         args, options = _arguments(q, key, value, key_bits, value_bits, mask, mask_kind, 1.0, BLOCK.value, 1,
                                    *partials)  # fmt: skip
         per_warp = 32 * -(-compiled_registers(_quantized_blocks_kernel, *args, **options) // 8) * 8
-        fitting = _PROGRAMS_PER_MULTIPROCESSOR[variant] = SCHEDULERS_PER_MULTIPROCESSOR * (
-            REGISTERS_PER_SCHEDULER // per_warp
-        )
+        per_scheduler = REGISTERS_PER_MULTIPROCESSOR // SCHEDULERS_PER_MULTIPROCESSOR // per_warp
+        fitting = _PROGRAMS_PER_MULTIPROCESSOR[variant] = SCHEDULERS_PER_MULTIPROCESSOR * per_scheduler
     return fitting
 
 

@@ -30,6 +30,9 @@ from triton.runtime.jit import JITFunction
 CHECKED_TRITON = ("3.6.",)
 _DIRECT = triton.__version__.startswith(CHECKED_TRITON)
 
+# 32-bit registers a multiprocessor gives its programs' lanes, sm_80 to sm_90 (how many programs fit at once).
+REGISTERS_PER_MULTIPROCESSOR = 65536
+
 # Per kernel (by id; the kernel is kept with its entries): (device, specialization, options) -> the
 # compiled kernel Triton launched for them.
 _COMPILED: dict[int, tuple[JITFunction, dict[tuple, Any]]] = {}
