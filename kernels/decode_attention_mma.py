@@ -75,8 +75,10 @@ MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
 PREFETCH_BLOCKS = 2
-# Above this many query rows per KV head (16-row products) the loads of the next block spill (H100: 255
-# registers and 52 bytes spilled, 29% more time), so the loop loads each block where it uses it.
+# Above this many query rows per KV head (16-row products) the loads of the next block spill when the scores
+# are masked too (sm_90 compile: 80-168 bytes), so a masked loop loads each block where it uses it. Unmasked,
+# 16 rows load ahead without spilling (250-254 registers): 1.045x as fast at B = 8, H = 32/2, T = 32k (H100,
+# twenty-ninth session).
 MOST_ROWS_LOADED_AHEAD = 8
 
 _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
@@ -557,6 +559,6 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
         ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
-        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD, num_warps=1,
+        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD or mask_kind == 0, num_warps=1,
     )  # fmt: skip
     return args, options
