@@ -467,7 +467,7 @@ def _decode_attention_kernel(
     PARTIAL_ROWS: tl.constexpr,
     K_BITS: tl.constexpr, V_BITS: tl.constexpr, GROUP_SIZE: tl.constexpr,
     MASK_KIND: tl.constexpr, IS_CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-    TAIL_BLOCK: tl.constexpr = 0,
+    TAIL_BLOCK: tl.constexpr = 0, DEPENDENT_LAUNCH: tl.constexpr = False,
 ):  # fmt: skip
     tl.static_assert(BLOCK_M >= GROUP * Q_LEN)
     tl.static_assert(GROUP_SIZE % (8 // V_BITS) == 0)
@@ -599,6 +599,8 @@ def _decode_attention_kernel(
     if SLOTS:
         acc, row_max, row_sum = _merge_slots(acc, row_max, row_sum)
     if TAIL_BLOCK > 0:  # the Gluon kernel, launched before on this stream, wrote the ``num_splits`` others
+        if DEPENDENT_LAUNCH:  # started while the Gluon kernel ran: its partials are there once it has ended
+            tl.extra.cuda.gdc_wait()
         acc, row_sum = _with_partials(acc, row_max, row_sum, acc_ptr, max_ptr, sum_ptr, pid * num_splits, num_splits,
                                       rows, row_valid, value_channels, PARTIAL_ROWS, HEAD_DIM)  # fmt: skip
     if SINGLE_SPLIT or TAIL_BLOCK > 0:  # the whole sequence is in this program's sums: normalize and store
@@ -924,8 +926,12 @@ def _launch_mma_path(call: _Call, out: torch.Tensor) -> None:
     mma_blocks.launch(call.q, call.key, call.value, call.key_bits, call.value_bits, call.mask, call.mask_kind,
                       call.qk_scale, capacity, splits, splits, *partials)  # fmt: skip
 
+    # The tail's own blocks need none of the Gluon kernel's results: it may start as that kernel's programs end.
+    dependent = mma_blocks.launches_dependents_early(call.q.device)
+
     def tail(tile: triton.Config) -> None:
-        _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value)
+        _launch_split_kernel(tile, 1, splits, call, 0, *partials, out, tail_block=mma_blocks.BLOCK.value,
+                             dependent=dependent)  # fmt: skip
 
     mask_dtype = None if call.mask is None else call.mask.dtype
     rows = call.q.shape[1] // call.key.residual.shape[1]
@@ -998,10 +1004,12 @@ def _launch_split_kernel(
     row_sum: torch.Tensor,
     out: torch.Tensor,
     tail_block: int = 0,
+    dependent: bool = False,
 ) -> None:
     """``_decode_attention_kernel`` over ``grid_splits`` splits writing partials of ``num_partials``
     (``out`` itself when that is 1); with ``tail_block``, over the tail after the Gluon kernel's blocks,
-    combined with the Gluon kernel's ``num_partials`` partials into ``out``."""
+    combined with the Gluon kernel's ``num_partials`` partials into ``out``, and with ``dependent`` too,
+    launched while the Gluon kernel runs (programmatic dependent launch)."""
     q, key, value, mask = call.q, call.key, call.value, call.mask
     _, q_heads, q_len, head_dim = q.shape
     kv_heads = key.residual.shape[1]
@@ -1019,7 +1027,7 @@ def _launch_split_kernel(
         SINGLE_SPLIT=num_partials == 1 and not tail_block, Q_LEN=q_len, GROUP=q_heads // kv_heads, HEAD_DIM=head_dim,
         PARTIAL_ROWS=call.block_m, K_BITS=call.key_bits, V_BITS=call.value_bits, GROUP_SIZE=call.group_size,
         MASK_KIND=call.mask_kind, IS_CAUSAL=call.is_causal, TAIL_BLOCK=tail_block,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        DEPENDENT_LAUNCH=dependent, launch_pdl=dependent, DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         **{"BLOCK_M": call.block_m, **tile.all_kwargs()},  # ONE_ROW_TILE holds one query row
     )  # fmt: skip
 

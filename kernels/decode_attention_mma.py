@@ -134,6 +134,8 @@ LOG2E = gl.constexpr(1.4426950408889634)
 PREFETCH_L2 = gl.constexpr(
     "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $3; mov.b32 $0, 0; }"
 )
+# Let the next kernel on the stream, launched as a programmatic dependent, start (sm_90; $1 is not read).
+LAUNCH_DEPENDENTS = gl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
 
 def _axis(parent, rank: int, axis: int):
@@ -351,13 +353,17 @@ def _quantized_blocks_kernel(
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
     ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr, KEY_BITS: gl.constexpr,
     VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr, LOADS_AHEAD: gl.constexpr,
+    DEPENDENTS_EARLY: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
     mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides.
-    ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none)."""
+    ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none). With ``DEPENDENTS_EARLY`` the next
+    kernel may start as soon as every program has (see :func:`launches_dependents_early`)."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
+    if DEPENDENTS_EARLY:
+        gl.inline_asm_elementwise(LAUNCH_DEPENDENTS, "=r,r", [pid], dtype=gl.int32, is_pure=False, pack=1)
     batch = (pid // kv_heads).to(gl.int64)
     kv_head = pid % kv_heads
     N: gl.constexpr = 8 if ROWS <= 8 else 16  # query rows padded to the products' N
@@ -445,8 +451,16 @@ def _quantized_blocks_kernel(
 
 @functools.lru_cache
 def _capability(device: torch.device) -> tuple[int, int]:
-    """The GPU's compute capability, asked once: ``mma.sync`` needs 8.0, the L2 bulk prefetch 9.0."""
+    """The GPU's compute capability, asked once: ``mma.sync`` needs 8.0, the L2 bulk prefetch and
+    programmatic dependent launch 9.0."""
     return torch.cuda.get_device_capability(device)
+
+
+def launches_dependents_early(device: torch.device) -> bool:
+    """Whether the kernel lets a programmatic dependent launched after it on its stream (the Triton tail)
+    start once all its programs are running, not when they end: the tail then goes through its own tokens
+    while the last of them finish, and waits for the kernel's end only to read its partials."""
+    return device.type == "cuda" and _capability(device) >= (9, 0)
 
 
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
@@ -559,6 +573,7 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
         ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
-        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD or mask_kind == 0, num_warps=1,
+        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD or mask_kind == 0,
+        DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
     )  # fmt: skip
     return args, options

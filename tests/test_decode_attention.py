@@ -493,6 +493,7 @@ def use_gluon_stand_in(monkeypatch) -> None:
     stand_in = types.SimpleNamespace(launch=gluon_stand_in, BLOCK=decode_attention_mma.BLOCK,
                                      quantized_capacity=decode_attention_mma.quantized_capacity,
                                      num_splits=decode_attention_mma.num_splits,
+                                     launches_dependents_early=decode_attention_mma.launches_dependents_early,
                                      programs_per_multiprocessor=lambda *inputs: 8)  # fmt: skip
     monkeypatch.setattr(decode_attention, "mma_blocks", stand_in)
     monkeypatch.setattr(decode_attention, "mma_path_unsupported", lambda *args: None)
