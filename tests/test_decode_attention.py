@@ -324,6 +324,37 @@ def test_gluon_kernel_compiled_to_count_its_registers_is_the_one_launched(q_head
 
 @pytest.mark.gpu
 @on_gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
+def test_tail_started_early_waits_for_the_gluon_partials_in_a_cuda_graph(q_heads, kv_heads, monkeypatch):
+    """On sm_90 the tail starts while the Gluon kernel runs (programmatic dependent launch) and waits for it
+    only to read its partials. Recorded in a CUDA graph, as decode steps are, each replay with a new query
+    gives what a direct call gives for it: a tail that read the partials before they were written, or the
+    previous replay's, would not."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", 0)
+    q, key, value, _, _ = real_size_gluon_inputs(q_heads, kv_heads, 2, 2, prompt=4001, steps=[1] * 70)
+    if not decode_attention_mma.launches_dependents_early(q.device):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0")
+
+    def attend(out: torch.Tensor) -> None:
+        decode_attention_triton(q, key, value, None, None, False, 2, 2, 32, out)
+
+    replayed, direct = torch.empty_like(q), torch.empty_like(q)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        attend(replayed)  # tunes and compiles outside the recording
+        with torch.cuda.graph(graph, stream=stream):
+            attend(replayed)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        replayed.fill_(float("nan"))
+        graph.replay()
+        direct.fill_(float("nan"))
+        attend(direct)
+        assert not direct.isnan().any() and torch.equal(replayed, direct)
+
+
+@pytest.mark.gpu
+@on_gpu
 @pytest.mark.parametrize("bits", [2, 4])
 @pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
 def test_every_tail_tile_matches_float64(q_heads, kv_heads, bits, monkeypatch):
