@@ -21,7 +21,9 @@ capacity so nothing waits for the host.
 For the common large decode step (float16, head_dim 128, 2- or 4-bit, G = 32, one token) the
 blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.8x
 faster at 2 bits and 3.5x at 4 bits, B = 8, T = 32k on the H100), and this kernel only adds the
-rest of each sequence and combines it with the Gluon kernel's partials: two launches in all. With one
+rest of each sequence and combines it with the Gluon kernel's partials: two launches in all. On sm_90
+the tail starts while the Gluon kernel's last programs run (programmatic dependent launch) and waits for
+that kernel only before it reads the partials. With one
 query row per KV head (multi-head attention) that tail may take ``ONE_ROW_TILE``: no tensor-core tile
 padded from one row to 16, but a running softmax per token slot of a block on the CUDA cores, folded once
 at the end (:func:`_attend_slots`).

@@ -41,7 +41,7 @@ Masks (boolean or additive, as the Triton kernel takes them) are read in the sco
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
 With one warp a program and 8 or 12 programs a multiprocessor, the loop waits on its own loads: up to 8
-query rows it loads the next block's codes, scales and mins while it computes this one (1.06x to
+query rows (16 without a mask) it loads the next block's codes, scales and mins while it computes this one (1.06x to
 1.11x as fast on the H100), which costs registers (see programs_per_multiprocessor).
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
