@@ -359,7 +359,7 @@ def _quantized_blocks_kernel(
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
     mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides.
     ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none). With ``DEPENDENTS_EARLY`` the next
-    kernel may start as soon as every program has (see :func:`launches_dependents_early`)."""
+    kernel may start once every program has started (see :func:`launches_dependents_early`)."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
     if DEPENDENTS_EARLY:
