@@ -51,7 +51,7 @@ def kernels_stood_in() -> Iterator[None]:
         mock.patch.object(mma, "compiled_registers", lambda kernel, *args, **options: 168),
         mock.patch.object(mma, "_PROGRAMS_PER_MULTIPROCESSOR", {}),
         mock.patch.object(mma, "unsupported", mma.inputs_unsupported),
-        mock.patch.object(mma, "_capability", lambda device: (9, 0)),
+        mock.patch.object(mma, "_sm90", lambda device: True),  # the H100's launch options
         mock.patch.object(da, "_fastest_plan", lambda launch, splits, out: da._plans()[0]),
         mock.patch.object(da, "_fastest_tail_tile", lambda launch, out, rows: da._tail_tiles(rows)[0]),
         mock.patch.object(da, "_TUNED_PLANS", {}),

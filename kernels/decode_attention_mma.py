@@ -456,11 +456,16 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
+def _sm90(device: torch.device) -> bool:
+    """Whether the GPU has sm_90's L2 bulk prefetch and programmatic dependent launch."""
+    return device.type == "cuda" and _capability(device) >= (9, 0)
+
+
 def launches_dependents_early(device: torch.device) -> bool:
     """Whether the kernel lets a programmatic dependent launched after it on its stream (the Triton tail)
     start once all its programs are running, not when they end: the tail then goes through its own tokens
     while the last of them finish, and waits for the kernel's end only to read its partials."""
-    return device.type == "cuda" and _capability(device) >= (9, 0)
+    return _sm90(device)
 
 
 def unsupported(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: int, value_bits: int,
@@ -571,7 +576,7 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
     )  # fmt: skip
     options = dict(
         ROWS=rows, MASK_KIND=mask_kind,
-        PREFETCH=PREFETCH_BLOCKS if _capability(q.device) >= (9, 0) else 0, KEY_BITS=key_bits,
+        PREFETCH=PREFETCH_BLOCKS if _sm90(q.device) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
         LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD or mask_kind == 0,
         DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,

@@ -56,8 +56,7 @@ def launch_kernel(kernel: Any, grid: tuple[int, ...], *args: Any, **options: Any
     compiled_by_key = entry[1]
     compiled = compiled_by_key.get(key)
     if compiled is None:
-        compiled = kernel[grid](*args, **options)
-        compiled_by_key[key] = compiled.result() if hasattr(compiled, "result") else compiled
+        compiled_by_key[key] = _finished(kernel[grid](*args, **options))
         return
     grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
     compiled.run(grid_x, grid_y, grid_z, driver.active.get_current_stream(device), compiled.function,
@@ -79,10 +78,14 @@ def _no_hook(hook: Any) -> bool:
     return hook is None or not getattr(hook, "calls", True)
 
 
+def _finished(compiled: Any) -> Any:
+    """The compiled kernel a launch or a warmup returned, waited for where Triton compiles it asynchronously."""
+    return compiled.result() if hasattr(compiled, "result") else compiled
+
+
 def compiled_registers(kernel: Any, *args: Any, **options: Any) -> int:
     """Registers a lane of the kernel that ``kernel[grid](*args, **options)`` launches, compiled now if
     Triton has not yet (``warmup``: nothing runs). A tensor argument may be given as its dtype."""
-    compiled = kernel.warmup(*args, grid=(1,), **options)
-    compiled = compiled.result() if hasattr(compiled, "result") else compiled
+    compiled = _finished(kernel.warmup(*args, grid=(1,), **options))
     compiled._init_handles()  # loading the binary onto the device is what reports its registers
     return compiled.n_regs
