@@ -47,8 +47,8 @@ def kernels_stood_in() -> Iterator[None]:
         mock.patch.object(da, "_combine_splits_kernel", _NoLaunch()),
         mock.patch.object(mma, "_quantized_blocks_kernel", _NoLaunch()),
         # The compile that counts the kernel's registers runs once per variant, not per call: here it reports
-        # the H100's 168 (2-bit codes, one query row).
-        mock.patch.object(mma, "compiled_registers", lambda kernel, *args, **options: 168),
+        # the H100's 126 (2-bit codes, one query row).
+        mock.patch.object(mma, "compiled_registers", lambda kernel, *args, **options: 126),
         mock.patch.object(mma, "_PROGRAMS_PER_MULTIPROCESSOR", {}),
         mock.patch.object(mma, "unsupported", mma.inputs_unsupported),
         mock.patch.object(mma, "_sm90", lambda device: True),  # the H100's launch options

@@ -26,8 +26,10 @@ on both sides of the product:
   contiguous bytes ``32t .. 32t + 31`` of its byte row, a fragment's pair ``e = 0, 1`` sits in bytes
   ``f`` and ``f + 2`` of a 32-bit word. One mask reads both codes where they lie, as the mantissa bits of
   two fp16 halves whose exponent makes the codes' lowest bit worth 1 (``2^(10 - bit) + code``); the
-  codes of a word's bytes 1 and 3 first take one shift, the word's, to come below the exponent. The
-  query is loaded in ``κ`` order.
+  codes of a word's bytes 1 and 3 first take one shift, the word's, to come below the exponent. Where
+  the kernel does not load ahead, up to 8 rows (below), one ``prmt`` a word first swaps its bytes 1 and
+  2: channel ``κ`` is then ``32t + 4c + 2f + e``, and the pairs of scales and mins the fragments need
+  are pairs as loaded. The query is loaded in ``κ`` order.
 
 For ``Oᵀ = Vᵀ Pᵀ`` (K = the tokens in ``ν`` order, M = output channels) the lane needs tokens
 ``8t .. 8t + 7`` and output channels ``μ = 8u + g``, taken as channel ``16g + u``: word ``g`` of each
@@ -40,9 +42,9 @@ Masks (boolean or additive, as the Triton kernel takes them) are read in the sco
 ``ν`` of a block being the token above. Rows that see no token yet (left padding) keep a maximum
 of ``-inf`` and no weight, so the online softmax never subtracts ``-inf`` from ``-inf``.
 
-With one warp a program and 8 or 12 programs a multiprocessor, the loop waits on its own loads: up to 8
-query rows (16 without a mask) it loads the next block's codes, scales and mins while it computes this one (1.06x to
-1.11x as fast on the H100), which costs registers (see programs_per_multiprocessor).
+One warp a program, so what hides the loop's latencies is other programs on the multiprocessor, or the
+program's own loads of the next block's codes, scales and mins while it computes this one (which costs
+registers, hence programs: see :func:`loads_ahead`).
 
 The scope is what the layouts above are written for: float16, head_dim 128, 2- or 4-bit keys and
 values (each its own), G = 32, one query token, at most 16 query rows per KV head, not causal. The
@@ -75,11 +77,9 @@ MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
 PREFETCH_BLOCKS = 2
-# Above this many query rows per KV head (16-row products) the loads of the next block spill when the scores
-# are masked too (sm_90 compile: 80-168 bytes), so a masked loop loads each block where it uses it. Unmasked,
-# 16 rows load ahead without spilling (250-254 registers): 1.045x as fast at B = 8, H = 32/2, T = 32k (H100,
-# twenty-ninth session).
-MOST_ROWS_LOADED_AHEAD = 8
+# Registers a lane is held to where the kernel loads each block where it uses it, up to 8 query rows: 16
+# programs a multiprocessor (see loads_ahead).
+REGISTER_CAP = 128
 
 _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
 _A = gl.constexpr(gl.DotOperandLayout(operand_index=0, parent=_MMA, k_width=2))
@@ -134,6 +134,8 @@ LOG2E = gl.constexpr(1.4426950408889634)
 PREFETCH_L2 = gl.constexpr(
     "{ .reg .pred p; setp.ne.b32 p, $1, 0; @p cp.async.bulk.prefetch.L2.global [$2], $3; mov.b32 $0, 0; }"
 )
+# A word's bytes in the order 0, 2, 1, 3.
+BYTES_0213 = gl.constexpr("prmt.b32 $0, $1, 0, 0x3120;")
 # Let the next kernel on the stream, launched as a programmatic dependent, start (sm_90; $1 is not read).
 LAUNCH_DEPENDENTS = gl.constexpr("griddepcontrol.launch_dependents; mov.b32 $0, 0;")
 
@@ -198,9 +200,14 @@ def _on_key_words(x):
 
 
 @gluon.jit
-def _key_word_pairs(x):
-    """Key scales (or mins) ``[t, 4c + 2e + f]`` as ``[c, t, 1]`` tensors for (f, e) = 00, 01, 10, 11."""
-    e0, e1 = gl.split(gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 3, 2)))  # [c, t, f] each
+def _key_word_pairs(x, SWAPPED: gl.constexpr):
+    """Key scales (or mins) ``[t, p]`` as ``[c, t, 1]`` tensors for (f, e) = 00, 01, 10, 11: channel
+    ``p = 4c + 2f + e`` of the swapped words' pairs (:func:`_bytes_0213`), else ``p = 4c + 2e + f``."""
+    if SWAPPED:
+        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 2, 3))
+    else:
+        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 3, 2))
+    e0, e1 = gl.split(x)  # [c, t, f] each
     f0e0, f1e0 = gl.split(e0)
     f0e1, f1e1 = gl.split(e1)
     return _on_key_words(f0e0), _on_key_words(f0e1), _on_key_words(f1e0), _on_key_words(f1e1)
@@ -208,7 +215,8 @@ def _key_word_pairs(x):
 
 @gluon.jit
 def _key_lane(words, code: gl.constexpr, scale, group_min, BITS: gl.constexpr):
-    """Keys of code ``code`` of each byte as ``[c, t, g, e, f]``: pairs of bytes (0, 2) and (1, 3)."""
+    """Keys of code ``code`` of each byte as ``[c, t, g, e, f]``: the pairs of bytes in the halves' low and
+    high bytes, (0, 2) and (1, 3) as loaded, (0, 1) and (2, 3) swapped (:func:`_bytes_0213`)."""
     s00, s01, s10, s11 = scale
     m00, m01, m10, m11 = group_min
     high_words = words >> 8
@@ -230,16 +238,33 @@ def _key_loads(kc, ks, km, start, word_offsets, scale_offsets, valid, BITS: gl.c
 
 
 @gluon.jit
-def _key_operand(loaded, BITS: gl.constexpr):
-    """The block's keys (:func:`_key_loads`) as the ``[ν, κ]`` operand of ``Sᵀ = K Qᵀ``, dequantized in fp16."""
-    words = loaded[0].to(gl.uint32, bitcast=True)
-    scale = _key_word_pairs(loaded[2])
-    group_min = _key_word_pairs(loaded[3])
+def _bytes_0213(words):
+    """Key words with bytes 1 and 2 swapped (one ``prmt``): byte ``f`` of the two halves then holds channels
+    ``4c + 2f`` and ``4c + 2f + 1``, whose scales (and mins) are pairs as loaded. Without it the pairs are
+    channels ``4c + f`` and ``4c + f + 2``, and each pair of scales is made of two loaded registers."""
+    return gl.inline_asm_elementwise(BYTES_0213, "=r,r", [words], dtype=gl.uint32, is_pure=True, pack=1)
+
+
+@gluon.jit
+def _key_words(loaded, SWAPPED: gl.constexpr):
+    """Loaded key words as unsigned, their bytes ``SWAPPED`` or as loaded."""
+    if SWAPPED:
+        return _bytes_0213(loaded)
+    return loaded.to(gl.uint32, bitcast=True)
+
+
+@gluon.jit
+def _key_operand(loaded, BITS: gl.constexpr, SWAPPED: gl.constexpr):
+    """The block's keys (:func:`_key_loads`) as the ``[ν, κ]`` operand of ``Sᵀ = K Qᵀ``, dequantized in fp16,
+    from words whose bytes are ``SWAPPED`` (:func:`_bytes_0213`) or not."""
+    words = _key_words(loaded[0], SWAPPED)
+    scale = _key_word_pairs(loaded[2], SWAPPED)
+    group_min = _key_word_pairs(loaded[3], SWAPPED)
     if BITS == 2:  # tokens 4g + j: code j of byte row g
         x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
                     gl.join(_key_lane(words, 2, scale, group_min, BITS), _key_lane(words, 3, scale, group_min, BITS)))
     else:  # tokens 2g + 16 j1 + j0: code j0 of byte row g + 8 j1
-        more = loaded[1].to(gl.uint32, bitcast=True)
+        more = _key_words(loaded[1], SWAPPED)
         x = gl.join(gl.join(_key_lane(words, 0, scale, group_min, BITS), _key_lane(words, 1, scale, group_min, BITS)),
                     gl.join(_key_lane(more, 0, scale, group_min, BITS), _key_lane(more, 1, scale, group_min, BITS)))
     # [c, t, g, e, f, j0, j1] -> [j1, j0, g, c, f, t, e]: nu = 8j + g, kappa = 16c + 8f + 2t + e
@@ -370,7 +395,16 @@ def _quantized_blocks_kernel(
     rows = gl.arange(0, N, layout=gl.SliceLayout(0, _B))
     kappa = gl.arange(0, 128, layout=gl.SliceLayout(1, _B))
     within = kappa % 16
-    channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within % 2) + within // 8
+    # Loaded ahead, each pair of key scales is made as the registers pass to the next iteration (moves that
+    # loads ahead take anyway), and swapping the words' bytes only adds instructions (0.97x as fast, 2-bit, H100,
+    # thirtieth session). Loaded where they are used, the pairs would be made again for each use (sm_90 compile:
+    # 144 prmt a block against 24 swapped), so up to 8 rows the words' bytes are swapped. (16 masked rows, which
+    # load where they use too, compile to 861 instructions a block swapped against 981: not yet timed.)
+    SWAPPED: gl.constexpr = not LOADS_AHEAD and ROWS <= 8
+    if SWAPPED:  # kappa = 16c + 8f + 2t + e: channel 32t + 4c + 2f + e, else 32t + 4c + 2e + f
+        channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within // 8) + within % 2
+    else:
+        channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within % 2) + within // 8
     q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[None, :] * stride_qh + channel[:, None],
                 mask=(rows < ROWS)[None, :], other=0.0)  # fmt: skip
     kc = kc_ptr + batch * stride_kcb + kv_head * stride_kch
@@ -424,7 +458,7 @@ def _quantized_blocks_kernel(
         else:
             key_block = _key_loads(kc, ks, km, start, key_words, key_scales, None, KEY_BITS)
             value_block = _value_loads(vc, vs, vm, start, value_words, value_scales, None, VALUE_BITS)
-        keys = _key_operand(key_block, KEY_BITS)
+        keys = _key_operand(key_block, KEY_BITS, SWAPPED)
         scores = gl.nvidia.ampere.mma_v2(keys, q, gl.zeros([32, N], gl.float32, layout=_MMA)) * qk_scale
         if MASK_KIND != 0:
             scores = _masked(scores, mask_ptrs + start * stride_mt, MASK_KIND)
@@ -509,6 +543,22 @@ def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> i
     return min(key.codes.shape[-2] * codes_per_byte(key_bits), value.codes.shape[-2])
 
 
+def loads_ahead(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bool:
+    """Whether the kernel loads the next block while it computes this one, rather than each block where it
+    uses it (then held to :data:`REGISTER_CAP` registers up to 8 query rows).
+
+    Up to 8 rows (8-row products), 2-bit codes: loaded where used, the kernel fits 128 registers (126 to 128,
+    H100, Triton 3.6), 16 programs a multiprocessor against 12 when it loads ahead (168 to 190), and is 1.03x to
+    1.09x as fast (kernel alone, thirtieth session: B = 8, H = 32, T = 32k 1.047x; B = 32, H = 32/8 1.031x,
+    1.061x with a mask; B = 192, T = 340 1.049x, 1.093x with a mask). 4-bit codes need their loads ahead:
+    loaded where used they lost 13% at 12 programs and 21% at 16 (5/3 the bytes a token). With 16 rows the
+    loads ahead spill when the scores are masked (sm_90 compile: 80-168 bytes); unmasked they fit (250
+    registers, 8 programs, as without) and are 1.045x as fast at B = 8, H = 32/2, T = 32k (twenty-ninth session)."""
+    if rows <= 8:
+        return not key_bits == value_bits == 2
+    return mask_kind == 0
+
+
 def narrow_index(key_bits: int, value_bits: int, rows: int) -> bool:
     """Whether the kernel's token index is 32-bit for these codes and query rows: fewer registers and
     instructions (H100, sixteenth session: 3-11% faster with 2-bit codes, 7-8% slower with 4-bit ones)."""
@@ -520,8 +570,8 @@ def programs_per_multiprocessor(q: torch.Tensor, key: QuantizedKV, value: Quanti
     """How many of the kernel's one-warp programs fit a multiprocessor at once for these inputs: as many as
     each scheduler's registers hold at the count the compiler gave the kernel (compiled here, not launched,
     the first time; its constexprs decide the count, the first call's strides standing for the others').
-    On the H100 (Triton 3.6), 2-bit codes and one query row take 168 registers, so 12 fit; the other
-    variants timed there 182 to 219, so 8."""
+    On the H100 (Triton 3.6), 2-bit codes up to 8 query rows take 126 to 128 registers (held to
+    :data:`REGISTER_CAP`), so 16 fit; 4-bit codes, which load ahead, 184 with one row, so 8."""
     rows = q.shape[1] // key.residual.shape[1]
     variant = (q.device, rows, mask_kind, key_bits, value_bits)
     fitting = _PROGRAMS_PER_MULTIPROCESSOR.get(variant)
@@ -574,11 +624,12 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
     )  # fmt: skip
+    ahead = loads_ahead(key_bits, value_bits, rows, mask_kind)
     options = dict(
         ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _sm90(q.device) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
-        LOADS_AHEAD=rows <= MOST_ROWS_LOADED_AHEAD or mask_kind == 0,
-        DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
+        LOADS_AHEAD=ahead, DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
+        **({} if ahead or rows > 8 else {"maxnreg": REGISTER_CAP}),
     )  # fmt: skip
     return args, options
