@@ -548,9 +548,9 @@ def loads_ahead(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bo
     uses it (then held to :data:`REGISTER_CAP` registers up to 8 query rows).
 
     Up to 8 rows (8-row products), 2-bit codes: loaded where used, the kernel fits 128 registers (126 to 128,
-    H100, Triton 3.6), 16 programs a multiprocessor against 12 when it loads ahead (168 to 190), and is 1.03x to
-    1.09x as fast (kernel alone, thirtieth session: B = 8, H = 32, T = 32k 1.047x; B = 32, H = 32/8 1.031x,
-    1.061x with a mask; B = 192, T = 340 1.049x, 1.093x with a mask). 4-bit codes need their loads ahead:
+    H100, Triton 3.6), 16 programs a multiprocessor against 12 when it loads ahead (168 to 190), and is 1.01x to
+    1.09x as fast (kernel alone, thirtieth session: B = 8, H = 32, T = 32k 1.047x, T = 4k 1.009x; B = 32,
+    H = 32/8 1.031x, 1.061x with a mask; B = 192, T = 340 1.049x, 1.093x with a mask). 4-bit codes need their loads ahead:
     loaded where used they lost 13% at 12 programs and 21% at 16 (5/3 the bytes a token). With 16 rows the
     loads ahead spill when the scores are masked (sm_90 compile: 80-168 bytes); unmasked they fit (250
     registers, 8 programs, as without) and are 1.045x as fast at B = 8, H = 32/2, T = 32k (twenty-ninth session)."""
