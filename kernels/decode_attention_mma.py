@@ -203,11 +203,8 @@ def _on_key_words(x):
 def _key_word_pairs(x, SWAPPED: gl.constexpr):
     """Key scales (or mins) ``[t, p]`` as ``[c, t, 1]`` tensors for (f, e) = 00, 01, 10, 11: channel
     ``p = 4c + 2f + e`` of the swapped words' pairs (:func:`_bytes_0213`), else ``p = 4c + 2e + f``."""
-    if SWAPPED:
-        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 2, 3))
-    else:
-        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 3, 2))
-    e0, e1 = gl.split(x)  # [c, t, f] each
+    order: gl.constexpr = (1, 0, 2, 3) if SWAPPED else (1, 0, 3, 2)  # to [c, t, f, e]
+    e0, e1 = gl.split(gl.permute(gl.reshape(x, (4, 8, 2, 2)), order))  # [c, t, f] each
     f0e0, f1e0 = gl.split(e0)
     f0e1, f1e1 = gl.split(e1)
     return _on_key_words(f0e0), _on_key_words(f0e1), _on_key_words(f1e0), _on_key_words(f1e1)
@@ -401,10 +398,8 @@ def _quantized_blocks_kernel(
     # 144 prmt a block against 24 swapped), so up to 8 rows the words' bytes are swapped. (16 masked rows, which
     # load where they use too, compile to 861 instructions a block swapped against 981: not yet timed.)
     SWAPPED: gl.constexpr = not LOADS_AHEAD and ROWS <= 8
-    if SWAPPED:  # kappa = 16c + 8f + 2t + e: channel 32t + 4c + 2f + e, else 32t + 4c + 2e + f
-        channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within // 8) + within % 2
-    else:
-        channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + 2 * (within % 2) + within // 8
+    f, e = within // 8, within % 2  # kappa = 16c + 8f + 2t + e: channel 32t + 4c + 2f + e, else 32t + 4c + 2e + f
+    channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + (2 * f + e if SWAPPED else 2 * e + f)
     q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[None, :] * stride_qh + channel[:, None],
                 mask=(rows < ROWS)[None, :], other=0.0)  # fmt: skip
     kc = kc_ptr + batch * stride_kcb + kv_head * stride_kch
@@ -550,8 +545,8 @@ def loads_ahead(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bo
     Up to 8 rows (8-row products), 2-bit codes: loaded where used, the kernel fits 128 registers (126 to 128,
     H100, Triton 3.6), 16 programs a multiprocessor against 12 when it loads ahead (168 to 190), and is 1.01x to
     1.09x as fast (kernel alone, thirtieth session: B = 8, H = 32, T = 32k 1.047x, T = 4k 1.009x; B = 32,
-    H = 32/8 1.031x, 1.061x with a mask; B = 192, T = 340 1.049x, 1.093x with a mask). 4-bit codes need their loads ahead:
-    loaded where used they lost 13% at 12 programs and 21% at 16 (5/3 the bytes a token). With 16 rows the
+    H = 32/8 1.031x, 1.061x with a mask; B = 192, T = 340 1.049x, 1.093x with a mask). 4-bit codes need their
+    loads ahead: loaded where used they lost 13% at 12 programs and 21% at 16 (5/3 the bytes a token). With 16 rows the
     loads ahead spill when the scores are masked (sm_90 compile: 80-168 bytes); unmasked they fit (250
     registers, 8 programs, as without) and are 1.045x as fast at B = 8, H = 32/2, T = 32k (twenty-ninth session)."""
     if rows <= 8:
@@ -630,6 +625,6 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
         PREFETCH=PREFETCH_BLOCKS if _sm90(q.device) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
         LOADS_AHEAD=ahead, DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
-        **({} if ahead or rows > 8 else {"maxnreg": REGISTER_CAP}),
+        **({} if ahead or rows > 8 else {"maxnreg": REGISTER_CAP}),  # where the kernel swaps its key words
     )  # fmt: skip
     return args, options
