@@ -203,8 +203,11 @@ def _on_key_words(x):
 def _key_word_pairs(x, SWAPPED: gl.constexpr):
     """Key scales (or mins) ``[t, p]`` as ``[c, t, 1]`` tensors for (f, e) = 00, 01, 10, 11: channel
     ``p = 4c + 2f + e`` of the swapped words' pairs (:func:`_bytes_0213`), else ``p = 4c + 2e + f``."""
-    order: gl.constexpr = (1, 0, 2, 3) if SWAPPED else (1, 0, 3, 2)  # to [c, t, f, e]
-    e0, e1 = gl.split(gl.permute(gl.reshape(x, (4, 8, 2, 2)), order))  # [c, t, f] each
+    if SWAPPED:  # to [c, t, f, e] (a conditional tuple is no constexpr for Triton 3.6's permute)
+        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 2, 3))
+    else:
+        x = gl.permute(gl.reshape(x, (4, 8, 2, 2)), (1, 0, 3, 2))
+    e0, e1 = gl.split(x)  # [c, t, f] each
     f0e0, f1e0 = gl.split(e0)
     f0e1, f1e1 = gl.split(e1)
     return _on_key_words(f0e0), _on_key_words(f0e1), _on_key_words(f1e0), _on_key_words(f1e1)

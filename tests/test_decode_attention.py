@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import inspect
 import logging
+import subprocess
+import sys
 import types
 
 import pytest
 import torch
 import torch.nn.functional as F
 import triton
-from kivi_helpers import poisoned_cache, relative_error
+from kivi_helpers import BENCHMARKS, poisoned_cache, relative_error
 
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import append_ref, store_prefill_ref
@@ -433,6 +435,22 @@ def test_inputs_the_gluon_kernel_is_not_written_for_are_named():
     assert "one query token" in unsupported(torch.randn(1, 2, 3, 128, device=DEVICE).half(), key, key, 2, 2, 32,
                                             False)  # fmt: skip
     assert "dense rows" in unsupported(q, key._replace(codes=key.codes[..., 1:]), key, 2, 2, 32, False)
+
+
+def test_the_gluon_kernel_compiles_for_sm_90_with_this_triton():
+    """No CPU test runs the Gluon kernel (the interpreter takes :func:`gluon_stand_in`), so code that this
+    Triton's Gluon front end or ptxas rejects would first fail on a GPU machine, as a conditional tuple given
+    to ``gl.permute`` did with Triton 3.6 (thirty-first session). ``compile_gluon_kernel.py`` compiles each
+    variant for sm_90 as a launch would (2-bit codes' swapped words under the register cap, loads ahead,
+    masks, 16 rows), in a process of its own: this one interprets the kernels' Triton helpers."""
+    variants = ["2,2,1,0", "2,2,8,1", "4,4,1,0", "4,2,4,2", "2,2,16,1"]
+    done = subprocess.run([sys.executable, str(BENCHMARKS / "compile_gluon_kernel.py"), *variants],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    table = [line.split() for line in done.stdout.splitlines()[3:]]
+    assert [",".join(row[:4]) for row in table] == variants
+    registers = {",".join(row[:4]): int(row[4]) for row in table}
+    assert registers["2,2,1,0"] <= decode_attention_mma.REGISTER_CAP and max(registers.values()) <= 255
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 33, 64])
