@@ -26,6 +26,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import CompiledKernel  # noqa: E402
 from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from triton.runtime.jit import mangle_type  # noqa: E402
 
@@ -36,7 +37,7 @@ from kivi_compile.kernels import decode_attention_mma  # noqa: E402
 H100 = GPUTarget("cuda", 90, 32)
 
 
-def compile_variant(key_bits: int, value_bits: int, rows: int, mask_kind: int):
+def compile_variant(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> CompiledKernel:
     """The kernel compiled for the H100 with the constexprs and options a launch with these inputs passes."""
     config = KiviConfig(key_bits=key_bits, value_bits=value_bits, group_size=32, residual_length=128)
     key = KiviCacheTensor.from_dense(torch.randn(1, 1, 300, 128).half(), config.key_spec()).kv
@@ -59,14 +60,14 @@ def compile_variant(key_bits: int, value_bits: int, rows: int, mask_kind: int):
     return triton.compile(source, target=H100, options=compile_options)
 
 
-def _multiple_of_16(value) -> bool:
+def _multiple_of_16(value: object) -> bool:
     """Whether a launch would specialize the argument as divisible by 16 (pointers' addresses, integers)."""
     if isinstance(value, torch.Tensor):
         return value.data_ptr() % 16 == 0
     return isinstance(value, int) and value % 16 == 0
 
 
-def resource_usage(compiled) -> tuple[str, str]:
+def resource_usage(compiled: CompiledKernel) -> tuple[str, str]:
     """(registers, spill bytes) of a compiled kernel from ``cuobjdump -res-usage`` (Triton ships it)."""
     cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
