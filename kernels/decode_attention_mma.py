@@ -77,8 +77,8 @@ MIN_TOKENS_PER_SPLIT = 128  # 4 blocks per split at least (not tuned)
 # How far ahead each program asks L2 for its blocks. H100, B = 8, H = 32, T = 32k, 2-bit: 0, 2, 4 and 8
 # blocks ahead took 0.529, 0.475, 0.483 and 0.575 ms (docs/results.md).
 PREFETCH_BLOCKS = 2
-# Registers a lane is held to where the kernel loads each block where it uses it, up to 8 query rows: 16
-# programs a multiprocessor (see loads_ahead).
+# Registers a lane is held to where the kernel swaps its key words (see swaps_key_words): 16 programs a
+# multiprocessor.
 REGISTER_CAP = 128
 
 _MMA = gl.constexpr(gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[1, 1], instr_shape=[16, 8]))
@@ -377,14 +377,15 @@ def _quantized_blocks_kernel(
     mask_ptr, stride_mb, stride_mh, stride_mt,
     acc_ptr, max_ptr, sum_ptr, qk_scale, kv_heads, tokens_per_split, num_partials,
     ROWS: gl.constexpr, MASK_KIND: gl.constexpr, PREFETCH: gl.constexpr, KEY_BITS: gl.constexpr,
-    VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr, LOADS_AHEAD: gl.constexpr,
+    VALUE_BITS: gl.constexpr, NARROW_INDEX: gl.constexpr, LOADS_AHEAD: gl.constexpr, SWAPPED: gl.constexpr,
     DEPENDENTS_EARLY: gl.constexpr,
 ):  # fmt: skip
     """Partial attention (unnormalized ``acc``, row max and sum in log2 units) of the query rows of
     one KV head over one split of the blocks quantized on both sides. Codes are 32-bit words; the
     mask (``MASK_KIND`` 0 none, 1 boolean as bytes, 2 additive) is ``[B, Hq, T]`` by its strides.
-    ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none). With ``DEPENDENTS_EARLY`` the next
-    kernel may start once every program has started (see :func:`launches_dependents_early`)."""
+    ``PREFETCH`` blocks ahead of the loop are asked of L2 (0: none). ``SWAPPED``: the key words' bytes 1
+    and 2 are swapped (see :func:`swaps_key_words`). With ``DEPENDENTS_EARLY`` the next kernel may start once
+    every program has started (see :func:`launches_dependents_early`)."""
     pid = gl.program_id(0)
     split = gl.program_id(1)
     if DEPENDENTS_EARLY:
@@ -395,12 +396,6 @@ def _quantized_blocks_kernel(
     rows = gl.arange(0, N, layout=gl.SliceLayout(0, _B))
     kappa = gl.arange(0, 128, layout=gl.SliceLayout(1, _B))
     within = kappa % 16
-    # Loaded ahead, each pair of key scales is made as the registers pass to the next iteration (moves that
-    # loads ahead take anyway), and swapping the words' bytes only adds instructions (0.97x as fast, 2-bit, H100,
-    # thirtieth session). Loaded where they are used, the pairs would be made again for each use (sm_90 compile:
-    # 144 prmt a block against 24 swapped), so up to 8 rows the words' bytes are swapped. (16 masked rows, which
-    # load where they use too, compile to 861 instructions a block swapped against 981: not yet timed.)
-    SWAPPED: gl.constexpr = not LOADS_AHEAD and ROWS <= 8
     f, e = within // 8, within % 2  # kappa = 16c + 8f + 2t + e: channel 32t + 4c + 2f + e, else 32t + 4c + 2e + f
     channel = 32 * ((within % 8) // 2) + 4 * (kappa // 16) + (2 * f + e if SWAPPED else 2 * e + f)
     q = gl.load(q_ptr + batch * stride_qb + (kv_head * ROWS + rows)[None, :] * stride_qh + channel[:, None],
@@ -543,7 +538,7 @@ def quantized_capacity(key: QuantizedKV, value: QuantizedKV, key_bits: int) -> i
 
 def loads_ahead(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bool:
     """Whether the kernel loads the next block while it computes this one, rather than each block where it
-    uses it (then held to :data:`REGISTER_CAP` registers up to 8 query rows).
+    uses it (then, up to 8 query rows, with its key words swapped: :func:`swaps_key_words`).
 
     Up to 8 rows (8-row products), 2-bit codes: loaded where used, the kernel fits 128 registers (126 to 128,
     H100, Triton 3.6), 16 programs a multiprocessor against 12 when it loads ahead (168 to 190), and is 1.01x to
@@ -555,6 +550,18 @@ def loads_ahead(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bo
     if rows <= 8:
         return not key_bits == value_bits == 2
     return mask_kind == 0
+
+
+def swaps_key_words(key_bits: int, value_bits: int, rows: int, mask_kind: int) -> bool:
+    """Whether the kernel swaps its key words' bytes 1 and 2 (and is held to :data:`REGISTER_CAP` registers):
+    where it loads each block where it uses it, up to 8 query rows.
+
+    Loaded ahead, each pair of key scales is made as the registers pass to the next iteration (moves that loads
+    ahead take anyway), and swapping the words' bytes only adds instructions (0.97x as fast, 2-bit, H100,
+    thirtieth session). Loaded where they are used, the pairs would be made again for each use (sm_90 compile:
+    144 prmt a block against 24 swapped). (16 masked rows, which load where they use too, compile to 861
+    instructions a block swapped against 981: not yet timed.)"""
+    return not loads_ahead(key_bits, value_bits, rows, mask_kind) and rows <= 8
 
 
 def narrow_index(key_bits: int, value_bits: int, rows: int) -> bool:
@@ -622,12 +629,13 @@ def _arguments(q: torch.Tensor, key: QuantizedKV, value: QuantizedKV, key_bits: 
         q if mask is None else mask, *mask_strides,  # any pointer when MASK_KIND is 0: never read
         acc, row_max, row_sum, qk_scale, kv_heads, tokens_per_split, num_partials,
     )  # fmt: skip
-    ahead = loads_ahead(key_bits, value_bits, rows, mask_kind)
+    swapped = swaps_key_words(key_bits, value_bits, rows, mask_kind)
     options = dict(
         ROWS=rows, MASK_KIND=mask_kind,
         PREFETCH=PREFETCH_BLOCKS if _sm90(q.device) else 0, KEY_BITS=key_bits,
         VALUE_BITS=value_bits, NARROW_INDEX=narrow_index(key_bits, value_bits, rows),
-        LOADS_AHEAD=ahead, DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
-        **({} if ahead or rows > 8 else {"maxnreg": REGISTER_CAP}),  # where the kernel swaps its key words
+        LOADS_AHEAD=loads_ahead(key_bits, value_bits, rows, mask_kind), SWAPPED=swapped,
+        DEPENDENTS_EARLY=launches_dependents_early(q.device), num_warps=1,
+        **({"maxnreg": REGISTER_CAP} if swapped else {}),
     )  # fmt: skip
     return args, options
