@@ -8,11 +8,12 @@ residual R = 128, one query token) the same run times, as medians of ``triton.te
 - ``ref``:    the PyTorch reference op (dequantize everything, then attend), for T <= --ref-max-tokens;
 - ``kernel``: what the op runs on CUDA: for the shapes it is written for (float16, D = 128, 2-bit,
   G = 32), the Gluon kernel over the blocks quantized on both sides plus the Triton kernel over the
-  rest; otherwise the fused Triton kernel alone (its tuned plan is named);
+  rest; otherwise the fused Triton kernel alone (its tuned plan is named, and the plan its replays take);
 - ``triton``: the fused Triton kernel alone over the whole cache, with its tuned plan;
 - ``gpu`` columns: SDPA and ``kernel`` again, replayed from a CUDA graph (``do_bench_cudagraph``): the
-  GPU's time alone. Where a call's kernels take less time than the host needs to launch them (small
-  B*T), ``do_bench`` times the host; the two columns tell the cases apart.
+  GPU's time alone (a recorded launch of the Triton kernel takes the plan tuned for replays). Where a
+  call's kernels take less time than the host needs to launch them (small B*T), ``do_bench`` times the
+  host; the two columns tell the cases apart.
 
 GB/s is over the bytes each must read (fp16 K/V for SDPA; codes, scales, minima and residual for
 KIVI); ``of copy`` compares with a device-to-device copy measured in the same run. The append
@@ -35,14 +36,14 @@ import torch
 import torch.nn.functional as F
 import triton
 from tabulate import tabulate
-from triton.testing import do_bench_cudagraph
 
 from kivi_compile.cache import KiviCacheTensor
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels.append import launch_append_kv
 from kivi_compile.kernels.cache_layout import read_lengths
 from kivi_compile.kernels import decode_attention
-from kivi_compile.kernels.decode_attention import decode_attention_ref, decode_attention_triton, median_ms
+from kivi_compile.kernels.decode_attention import (decode_attention_ref, decode_attention_triton, median_ms,
+                                                   replayed_ms)
 
 RESIDUAL = 128
 # (B, H, Hkv, D, T, bits, G): the issue's acceptance shapes first, then the trend in T and G.
@@ -56,11 +57,6 @@ SHAPES = [
     (8, 32, 32, 64, 32768, 2, 32),
     *[(batch, 32, 32, 128, 340, 2, 32) for batch in (1, 96, 192)],  # bench_generate's mid-run decode step
 ]
-
-
-def gpu_median_ms(fn: Callable[[], object]) -> float:
-    """Median GPU time of ``fn`` replayed from a CUDA graph: no host launch time in it."""
-    return do_bench_cudagraph(fn, return_mode="median")
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
@@ -103,7 +99,7 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
     def sdpa() -> torch.Tensor:
         return F.scaled_dot_product_attention(q, keys, values, enable_gqa=kv_heads != heads)
 
-    sdpa_ms, sdpa_gpu_ms = median_ms(sdpa), gpu_median_ms(sdpa)
+    sdpa_ms, sdpa_gpu_ms = median_ms(sdpa), replayed_ms(sdpa)
     sdpa_bytes = 2 * keys.numel() * keys.element_size()
     key, value = kivi_caches(keys, values, config)
     del keys, values
@@ -112,12 +108,12 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
         return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
 
     kernel_ms = median_ms(attention)  # tunes first: the graph below replays the tuned launch
-    kernel_gpu_ms = gpu_median_ms(attention)
+    kernel_gpu_ms = replayed_ms(attention)
     gluon = decode_attention.uses_mma_path(q, key.kv, value.kv, False, bits, bits, group)
     with triton_kernel_only():
         decode_attention._TUNED_PLANS.clear()  # each shape is timed with the plan fastest for it
         triton_ms = median_ms(attention)
-    (plan,) = decode_attention._TUNED_PLANS.values()
+    ((plan, replayed_plan),) = decode_attention._TUNED_PLANS.values()
     ref_ms = None
     if seq_len <= ref_max_tokens:
         ref_ms = median_ms(lambda: decode_attention_ref(q, key.kv, value.kv, None, None, False, bits, bits, group),
@@ -127,6 +123,7 @@ def bench_shape(batch, heads, kv_heads, head_dim, seq_len, bits, group, ref_max_
                 sdpa_ms=sdpa_ms, ref_ms=ref_ms, kernel_ms=kernel_ms, triton_ms=triton_ms,
                 sdpa_gbps=sdpa_bytes / sdpa_ms / 1e6, kernel_gbps=kivi_bytes / kernel_ms / 1e6,
                 kernel="gluon + triton tail" if gluon else f"triton {plan}", triton_plan=str(plan),
+                triton_replayed_plan=str(replayed_plan),
                 bytes_ratio=sdpa_bytes / kivi_bytes, speedup=sdpa_ms / kernel_ms, sdpa_gpu_ms=sdpa_gpu_ms,
                 kernel_gpu_ms=kernel_gpu_ms, speedup_gpu=sdpa_gpu_ms / kernel_gpu_ms)  # fmt: skip
 
@@ -167,7 +164,7 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
             reset()
             launch_append_kv(key.kv, value.kv, new, new, bits, bits, group, RESIDUAL, key.spec.per_channel)
 
-        return median_ms(step) - median_ms(reset), gpu_median_ms(step) - gpu_median_ms(reset)
+        return median_ms(step) - median_ms(reset), replayed_ms(step) - replayed_ms(reset)
 
     (typical_ms, typical_gpu_ms), (flush_ms, flush_gpu_ms) = timed_step("typical"), timed_step("key flush")
     key.lengths.copy_(prefilled["keys"])
@@ -176,7 +173,7 @@ def bench_append(batch=8, heads=32, head_dim=128, seq_len=4096, bits=2, group=32
     def attention() -> torch.Tensor:
         return decode_attention_triton(q, key.kv, value.kv, None, None, False, bits, bits, group)
 
-    attention_ms, attention_gpu_ms = median_ms(attention), gpu_median_ms(attention)
+    attention_ms, attention_gpu_ms = median_ms(attention), replayed_ms(attention)
     amortized_ms = typical_ms + (flush_ms - typical_ms) / RESIDUAL
     amortized_gpu_ms = typical_gpu_ms + (flush_gpu_ms - typical_gpu_ms) / RESIDUAL
     return dict(B=batch, H=heads, D=head_dim, T=seq_len, bits=bits, layers=layers,

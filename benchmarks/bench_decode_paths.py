@@ -16,12 +16,12 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
-from bench_decode_attention import gpu_median_ms, kivi_caches
+from bench_decode_attention import kivi_caches
 from tabulate import tabulate
 
 from kivi_compile.config import KiviConfig
 from kivi_compile.kernels import decode_attention, decode_attention_mma
-from kivi_compile.kernels.decode_attention import median_ms
+from kivi_compile.kernels.decode_attention import median_ms, replayed_ms
 
 # (batch, query heads, KV heads, cached tokens), 2-bit, G = 32, R = 128, head_dim 128
 SHAPES = [(8, 32, 32, 1024), (8, 32, 32, 2048), (32, 32, 8, 1024), (96, 32, 32, 340), (8, 32, 32, 4096),
@@ -53,11 +53,11 @@ def bench_shape(batch: int, heads: int, kv_heads: int, tokens: int) -> list:
     gpu = {name: [] for name in times}
     for _ in range(ROUNDS):
         times["sdpa"].append(median_ms(sdpa))
-        gpu["sdpa"].append(gpu_median_ms(sdpa))
+        gpu["sdpa"].append(replayed_ms(sdpa))
         for path, threshold in PATHS.items():
             decode_attention.MMA_MIN_TOKEN_HEADS = threshold
             times[path].append(median_ms(op))
-            gpu[path].append(gpu_median_ms(op))
+            gpu[path].append(replayed_ms(op))
     ms = {name: statistics.median(values) for name, values in times.items()}
     gpu_ms = {name: statistics.median(values) for name, values in gpu.items()}
     token_heads = batch * kv_heads * decode_attention_mma.quantized_capacity(key.kv, value.kv, 2)

@@ -37,6 +37,12 @@ class _NoLaunch:
         return lambda *args, **kwargs: None
 
 
+def _first_plan(launch: Callable, splits: Callable, out: torch.Tensor) -> decode_attention._TunedPlans:
+    """Tuning stood in: the first candidate plan, for launches and replays alike."""
+    plan = decode_attention._candidate_plans()[0]
+    return decode_attention._TunedPlans(plan, plan)
+
+
 @contextlib.contextmanager
 def kernels_stood_in() -> Iterator[None]:
     """Every kernel launches nothing; the Gluon path is open to CPU tensors; tuning picks the first
@@ -52,7 +58,7 @@ def kernels_stood_in() -> Iterator[None]:
         mock.patch.object(mma, "_PROGRAMS_PER_MULTIPROCESSOR", {}),
         mock.patch.object(mma, "unsupported", mma.inputs_unsupported),
         mock.patch.object(mma, "_sm90", lambda device: True),  # the H100's launch options
-        mock.patch.object(da, "_fastest_plan", lambda launch, splits, out: da._plans()[0]),
+        mock.patch.object(da, "_fastest_plans", _first_plan),
         mock.patch.object(da, "_fastest_tail_tile", lambda launch, out, rows: da._tail_tiles(rows)[0]),
         mock.patch.object(da, "_TUNED_PLANS", {}),
         mock.patch.object(da, "_TUNED_TAIL_TILES", {}),

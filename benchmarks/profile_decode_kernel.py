@@ -54,13 +54,14 @@ def run(args: argparse.Namespace) -> None:
         decode.decode_attention_triton(q, key, value, None, None, False, args.bits, args.bits, args.group_size, out)
 
     launch()  # tunes
-    print("tuned:", *map(str, decode._TUNED_PLANS.values()), flush=True)
-    plans = decode._plans()
+    for tuned in decode._TUNED_PLANS.values():
+        print(f"tuned: launched {tuned.launched}, replayed {tuned.replayed}", flush=True)
+    plans = decode._candidate_plans()
 
     def launch_only(plan: decode._Plan) -> None:
         """The op's own launch path, with ``plan`` as the only plan: nothing to time or cross-check."""
         decode._TUNED_PLANS.clear()
-        with mock.patch.object(decode, "_plans", lambda: [plan]):
+        with mock.patch.object(decode, "_candidate_plans", lambda: [plan]):
             launch()
 
     for plan in plans:

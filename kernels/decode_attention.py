@@ -16,7 +16,10 @@ blocks each get their own loop, so the common blocks carry no masks.
 A second kernel combines the ``S`` partial results; with ``S = 1`` (batches that fill the GPU on
 their own, short sequences) the first one normalizes and stores the output itself, one launch
 instead of two. Lengths are read on the device; ``S`` and the chunk are chosen from the buffers'
-capacity so nothing waits for the host.
+capacity so nothing waits for the host. The tile and ``S`` are tuned twice per shape: for launches
+from the host, whose time a small batch waits on, and for launches recorded into a CUDA graph (a
+decode step replayed by ``generate``), which may split the sequence finer since replays cost the
+host nothing.
 
 For the common large decode step (float16, head_dim 128, 2- or 4-bit, G = 32, one token) the
 blocks quantized on both sides run instead on a Gluon kernel (``decode_attention_mma.py``; 2.8x
@@ -123,9 +126,11 @@ def decode_attention_ref(
 LOG2E = tl.constexpr(1.4426950408889634)  # scores are in log2 units: exp2 in the kernels
 MAX_QUERY_ROWS = 64  # g * n rows of one KV head held by a program; more falls back to the reference
 GRANULE = 64  # tokens; the sequence is split between programs in whole granules (a multiple of BLOCK_N)
-# A split of fewer than 512 tokens saves less GPU time than the combine costs, and the combine is
-# one more launch: host time, which is what a small batch's decode step waits on.
+# Launched from the host, a split of fewer than 512 tokens saves less GPU time than the combine costs,
+# and the combine is one more launch: host time, which is what a small batch's decode step waits on.
+# Replayed from a CUDA graph, a launch costs the host nothing: splits may be as short as one granule.
 MIN_GRANULES_PER_SPLIT = 8
+MIN_GRANULES_PER_REPLAYED_SPLIT = 1
 # Programs wanted per multiprocessor when the sequence is split (4 beat 2 on the H200: B=8, T=32k,
 # 2-bit, 1.27 vs 1.39 ms); more programs keep more loads in flight. A tile whose register cap lets
 # more programs share a multiprocessor is also tried split for all of them (:func:`_plans`).
@@ -662,18 +667,20 @@ def _multiprocessors(device: torch.device) -> int:
 
 
 class _Plan(NamedTuple):
-    """How to launch: a tile, and how many of its programs a split sequence puts on each multiprocessor."""
+    """How to launch: a tile, how many of its programs a split sequence puts on each multiprocessor, and
+    the fewest granules a split takes."""
 
     tile: triton.Config
     programs_per_multiprocessor: int
+    granules_per_split: int
 
     def __str__(self) -> str:
         tile = self.tile
         return (f"N{tile.kwargs['BLOCK_N']}w{tile.num_warps}s{tile.num_stages}r{tile.maxnreg}"
-                f"p{self.programs_per_multiprocessor}")  # fmt: skip
+                f"p{self.programs_per_multiprocessor}g{self.granules_per_split}")  # fmt: skip
 
 
-def _plans() -> list[_Plan]:
+def _plans(granules_per_split: int) -> list[_Plan]:
     """Each tile split for ``PROGRAMS_PER_MULTIPROCESSOR`` programs per multiprocessor and, when its
     register cap lets more share one, for as many as fit: one full wave with more warps to hide latency."""
     plans = []
@@ -683,8 +690,24 @@ def _plans() -> list[_Plan]:
             fitting = REGISTERS_PER_MULTIPROCESSOR // (tile.maxnreg * 32 * tile.num_warps)
         fitting = min(max(PROGRAMS_PER_MULTIPROCESSOR, fitting), MOST_PROGRAMS_PER_MULTIPROCESSOR)
         for per_multiprocessor in sorted({PROGRAMS_PER_MULTIPROCESSOR, fitting}):
-            plans.append(_Plan(tile, per_multiprocessor))
+            plans.append(_Plan(tile, per_multiprocessor, granules_per_split))
     return plans
+
+
+def _candidate_plans() -> list[_Plan]:
+    """The plans the tuner compares: split for launches from the host, then, where launches may be timed
+    (not on the interpreter), split more finely for replays."""
+    if _interpreting():
+        return _plans(MIN_GRANULES_PER_SPLIT)
+    return [*_plans(MIN_GRANULES_PER_SPLIT), *_plans(MIN_GRANULES_PER_REPLAYED_SPLIT)]
+
+
+class _TunedPlans(NamedTuple):
+    """The fastest plan launched from the host (timed by ``do_bench``, where the host's time counts once it
+    exceeds the GPU's) and the fastest replayed from a CUDA graph (the GPU's time alone)."""
+
+    launched: _Plan
+    replayed: _Plan
 
 
 def _num_splits(programs: int, max_splits: int, per_multiprocessor: int, device: torch.device) -> int:
@@ -704,32 +727,53 @@ def _work_class(programs: int, device: torch.device) -> int:
     return _power_of_4_class(-(-programs // _multiprocessors(device)))
 
 
-# The fastest plan for each tuning key (the kernel's shape constexprs, the tensors' dtypes, the work
-# class and the splits of the plan that splits most, in powers of 4). Launches after the first of a
+# The fastest plans for each tuning key (the kernel's shape constexprs, the tensors' dtypes, the work
+# class and the splits of the plans that split most, in powers of 4). Launches after the first of a
 # key launch directly: Triton's autotuner scans the ~60 arguments on every call (0.19 ms of host time
 # per launch under cProfile on the GPU machine, 6 ms of a batch-1 decode step of a 32-layer model),
 # and it can tune neither the split nor on the grid.
-_TUNED_PLANS: dict[tuple, _Plan] = {}
+_TUNED_PLANS: dict[tuple, _TunedPlans] = {}
 
 
-def _fastest_plan(launch: Callable[[_Plan], None], splits: Callable[[_Plan], int], out: torch.Tensor) -> _Plan:
-    """The agreeing plan with the lowest median time of a whole launch (split kernel and combine).
-    Plans that launch the same grid here (a sequence too short to split further, or a batch that fills
-    the GPU unsplit) are tried once, as the first of them: timing noise does not pick between them."""
+def _fastest_plans(launch: Callable[[_Plan], None], splits: Callable[[_Plan], int], out: torch.Tensor) -> _TunedPlans:
+    """The agreeing plans with the lowest median time of a whole launch (split kernel and combine), launched
+    from the host and replayed. Plans that launch the same grid here (a sequence too short to split further,
+    or a batch that fills the GPU unsplit) are tried once, as the first of them: timing noise does not pick
+    between them."""
     distinct: dict[tuple[triton.Config, int], _Plan] = {}
-    for plan in _plans():
+    for plan in _candidate_plans():
         distinct.setdefault((plan.tile, splits(plan)), plan)
     plans = list(distinct.values())
     if len(plans) == 1:
-        return plans[0]
+        return _TunedPlans(plans[0], plans[0])
     plans = _agreeing_plans(plans, launch, out)
-    return min(plans, key=lambda plan: median_ms(lambda: launch(plan)))
+    launched = [plan for plan in plans if plan.granules_per_split == MIN_GRANULES_PER_SPLIT] or plans
+    return _TunedPlans(
+        min(launched, key=lambda plan: median_ms(lambda: launch(plan))),
+        min(plans, key=lambda plan: replayed_ms(lambda: launch(plan), rep=REPLAY_TIMING_MS)),
+    )
 
 
 def median_ms(launch: Callable[[], object], **options) -> float:
     """``do_bench``'s median (its default is the mean, which one slow launch of the host drags up); how the
     tuners here and the benchmarks time a launch."""
     return triton.testing.do_bench(launch, return_mode="median", **options)
+
+
+# Milliseconds of replays ``replayed_ms`` times per plan when tuning (its default, 20 ms, would add about
+# 0.2 s per plan to each tuning key's first launch).
+REPLAY_TIMING_MS = 5
+
+
+def replayed_ms(launch: Callable[[], object], **options) -> float:
+    """The median GPU time of ``launch`` recorded into a CUDA graph and replayed (``do_bench_cudagraph``):
+    no host time in it, as in a decode step replayed from a graph."""
+    return triton.testing.do_bench_cudagraph(launch, return_mode="median", **options)
+
+
+def _recording(device: torch.device) -> bool:
+    """Whether this launch is being recorded into a CUDA graph (to be replayed without host time)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _agreeing_plans(plans: list[_Plan], launch: Callable[[_Plan], None], out: torch.Tensor) -> list[_Plan]:
@@ -832,23 +876,30 @@ def launch_decode_attention(
     capacity = min(key.codes.shape[-2] * codes_per_byte(key_bits) + key.residual.shape[-2],
                    value.codes.shape[-2] + value.residual.shape[-2])  # fmt: skip
     granules = -(-capacity // GRANULE)
-    max_splits = max(1, granules // MIN_GRANULES_PER_SPLIT)
 
     def splits(plan: _Plan) -> int:
+        max_splits = max(1, granules // plan.granules_per_split)
         return _num_splits(batch * kv_heads, max_splits, plan.programs_per_multiprocessor, q.device)
 
     def launch(plan: _Plan) -> None:
         _launch_plan(plan.tile, splits(plan), call, granules, out)
 
     # A grid that fills the GPU unsplit keeps its key as the cache grows: no plan splits it.
-    most_splits = _num_splits(batch * kv_heads, max_splits, MOST_PROGRAMS_PER_MULTIPROCESSOR, q.device)
+    most_splits = [
+        _num_splits(batch * kv_heads, max(1, granules // fewest), MOST_PROGRAMS_PER_MULTIPROCESSOR, q.device)
+        for fewest in (MIN_GRANULES_PER_SPLIT, MIN_GRANULES_PER_REPLAYED_SPLIT)
+    ]
     tuning_key = (head_dim, q_heads // kv_heads, q_len, key_bits, value_bits, group_size, q.dtype,
                   None if mask is None else mask.dtype, _work_class(batch * kv_heads, q.device),
-                  _power_of_4_class(most_splits))  # fmt: skip
-    plan = _TUNED_PLANS.get(tuning_key)
-    if plan is None:
-        plan = _TUNED_PLANS[tuning_key] = _fastest_plan(launch, splits, out)
-    launch(plan)
+                  *map(_power_of_4_class, most_splits))  # fmt: skip
+    tuned = _TUNED_PLANS.get(tuning_key)
+    if tuned is None:
+        if _recording(q.device):
+            raise RuntimeError("Triton KIVI decode attention: the first launch of these shapes is being recorded "
+                               "into a CUDA graph; run it once unrecorded first, which tunes its launch")  # fmt: skip
+        tuned = _TUNED_PLANS[tuning_key] = _fastest_plans(launch, splits, out)
+    replayed = tuned.replayed is not tuned.launched and _recording(q.device)
+    launch(tuned.replayed if replayed else tuned.launched)
     return out
 
 

@@ -140,8 +140,8 @@ def test_launches_after_the_first_reuse_its_tile(monkeypatch):
     and a different work class (here: many more programs) is timed again."""
     monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
     timed = []
-    fastest_plan = decode_attention._fastest_plan
-    monkeypatch.setattr(decode_attention, "_fastest_plan", lambda *args: timed.append(args) or fastest_plan(*args))
+    fastest_plans = decode_attention._fastest_plans
+    monkeypatch.setattr(decode_attention, "_fastest_plans", lambda *args: timed.append(args) or fastest_plans(*args))
     spec_k, spec_v = CacheSpec(True, 2, 16, 32), CacheSpec(False, 2, 16, 32)
     runs = []
     for batch in (1, 1, 64):
@@ -174,8 +174,8 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
     plans do not outvote the other two tiles: the median takes one result per tile."""
     tiles = [triton.Config({"BLOCK_N": n}, num_warps=4) for n in (16, 32, 64)]
     Plan = decode_attention._Plan
-    plans = [Plan(tiles[0], 4), Plan(tiles[1], 4), Plan(tiles[1], 8), Plan(tiles[2], 4)]
-    monkeypatch.setattr(decode_attention, "_plans", lambda: plans)
+    plans = [Plan(tiles[0], 4, 2), Plan(tiles[1], 4, 2), Plan(tiles[1], 8, 2), Plan(tiles[2], 4, 2)]
+    monkeypatch.setattr(decode_attention, "_candidate_plans", lambda: plans)
     monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
     kernel = decode_attention._decode_attention_kernel
     acc_index = list(inspect.signature(kernel.fn).parameters).index("acc_ptr")
@@ -193,12 +193,14 @@ def test_a_tile_that_disagrees_with_the_others_is_left_out(monkeypatch, caplog):
 
     milliseconds, statistics = {16: 2.0, 32: 1.0, 64: 3.0}, []
     monkeypatch.setattr(decode_attention, "_decode_attention_kernel", Miscompiled())
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: statistics.append(options) or fn() or
-                        milliseconds[launched[-1]])  # fmt: skip
+    for timer in ("do_bench", "do_bench_cudagraph"):
+        monkeypatch.setattr(triton.testing, timer, lambda fn, timer=timer, **options: statistics.append(
+            (timer, options["return_mode"])) or fn() or milliseconds[launched[-1]])  # fmt: skip
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # tile 32: 8 and 9 splits
     out, expected, warnings = tuned_against_reference(caplog, kv_heads=2, prompt=1000)
-    assert list(decode_attention._TUNED_PLANS.values()) == [plans[0]]
-    assert statistics and all(options == {"return_mode": "median"} for options in statistics)  # not the mean
+    assert list(decode_attention._TUNED_PLANS.values()) == [(plans[0], plans[0])]
+    assert {timer for timer, _ in statistics} == {"do_bench", "do_bench_cudagraph"}
+    assert all(mode == "median" for _, mode in statistics)  # not the mean
     assert len(warnings) == 2 and all(f"plan {plan} left out" in w for plan, w in zip(plans[1:3], warnings))
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
 
@@ -208,20 +210,71 @@ def test_plans_that_split_the_sequence_differently_agree(monkeypatch, caplog):
     splits: the tuner compares whole launches (split kernel and combine), and the one it keeps answers
     right. A plan that launches the same grid as an earlier one (the sequence caps the splits) is not tried."""
     (tile,) = decode_attention._configs()
-    plans = [decode_attention._Plan(tile, per_multiprocessor) for per_multiprocessor in (1, 4, 8)]
-    monkeypatch.setattr(decode_attention, "_plans", lambda: plans)
+    plans = [decode_attention._Plan(tile, per_multiprocessor, 2) for per_multiprocessor in (1, 4, 8)]
+    monkeypatch.setattr(decode_attention, "_candidate_plans", lambda: plans)
     monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
     splits, tried = [], []
     num_splits, agreeing_plans = decode_attention._num_splits, decode_attention._agreeing_plans
     monkeypatch.setattr(decode_attention, "_num_splits", lambda *args: splits.append(num_splits(*args)) or splits[-1])
     monkeypatch.setattr(decode_attention, "_agreeing_plans", lambda plans, *args: tried.extend(plans) or
                         agreeing_plans(plans, *args))  # fmt: skip
-    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: fn() or 1.0 / splits[-1])
+    for timer in ("do_bench", "do_bench_cudagraph"):
+        monkeypatch.setattr(triton.testing, timer, lambda fn, **options: fn() or 1.0 / splits[-1])
     monkeypatch.setattr(decode_attention, "MIN_GRANULES_PER_SPLIT", 2)  # up to 9 splits of a 1k cache
     out, expected, warnings = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
     assert not warnings and tried == plans[:2]  # 4 programs per multiprocessor already take all 9 splits
-    assert set(splits) == {4, 9} and list(decode_attention._TUNED_PLANS.values()) == [plans[1]]
+    assert set(splits) == {4, 9, 18}  # 18: the most that splits of one granule give (the tuning key's)
+    assert list(decode_attention._TUNED_PLANS.values()) == [(plans[1], plans[1])]
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_replays_from_a_cuda_graph_take_the_plan_fastest_on_the_gpu_alone(monkeypatch, caplog):
+    """The tuner keeps two plans: for launches from the host the fastest under ``do_bench`` among plans of
+    at least ``MIN_GRANULES_PER_SPLIT`` granules a split, for launches recorded into a CUDA graph the fastest
+    replayed, which may split finer (the combine's launch then costs the host nothing). A recorded launch
+    takes the second and answers right; a first launch of its shapes while recording is refused by name."""
+    (tile,) = decode_attention._configs()
+    Plan = decode_attention._Plan
+    coarse, fine = Plan(tile, 4, decode_attention.MIN_GRANULES_PER_SPLIT), Plan(tile, 4, 1)
+    monkeypatch.setattr(decode_attention, "_candidate_plans", lambda: [coarse, fine])
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
+    launched_splits = []
+    launch_plan = decode_attention._launch_plan
+    monkeypatch.setattr(decode_attention, "_launch_plan", lambda tile, splits, *args: launched_splits.append(splits)
+                        or launch_plan(tile, splits, *args))  # fmt: skip
+    # Launched from the host the fewer splits win, replayed the more.
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **options: fn() or launched_splits[-1])
+    monkeypatch.setattr(triton.testing, "do_bench_cudagraph", lambda fn, **options: fn() or 1.0 / launched_splits[-1])
+    out, expected, warnings = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
+    assert not warnings and list(decode_attention._TUNED_PLANS.values()) == [(coarse, fine)]
+    assert launched_splits[-1] == 2  # the launch after tuning: at least 8 of the 18 granules a split
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+    monkeypatch.setattr(decode_attention, "_recording", lambda device: True)
+    out, expected, _ = tuned_against_reference(caplog, kv_heads=1, prompt=1000)
+    assert launched_splits[-1] == 16  # one wave of 4 programs on each of the interpreter's 4 "multiprocessors"
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+    decode_attention._TUNED_PLANS.clear()
+    with pytest.raises(RuntimeError, match="recorded into a CUDA graph; run it once unrecorded first"):
+        tuned_against_reference(caplog, kv_heads=1, prompt=1000)
+
+
+@pytest.mark.parametrize("granules_per_split", [decode_attention.MIN_GRANULES_PER_SPLIT, 1])
+def test_splits_of_one_granule_take_left_padding_masks(granules_per_split, monkeypatch):
+    """The finest splits a replayed plan may take, over a batch whose rows are left-padded (as ``generate``'s):
+    some splits then hold no token a row attends to, or no token at all, and the combine must weigh them zero."""
+    (tile,) = decode_attention._configs()
+    plan = decode_attention._Plan(tile, 4, granules_per_split)
+    monkeypatch.setattr(decode_attention, "_candidate_plans", lambda: [plan])
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
+    spec_k, spec_v = CacheSpec(True, 2, 8, 32), CacheSpec(False, 2, 8, 32)
+    key = filled_cache(spec_k, 3, 2, 32, torch.float32, 37, [1] * 120)
+    value = filled_cache(spec_v, 3, 2, 32, torch.float32, 37, [1] * 120)
+    mask = torch.ones(3, 1, 1, 157, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :5] = False
+    mask[2, ..., :100] = False  # the first of the four splits (64 tokens each) holds none of row 2's tokens
+    check(torch.randn(3, 4, 1, 32, device=DEVICE), key, value, spec_k, spec_v, mask=mask)
 
 
 def test_unsupported_inputs_are_named():
@@ -249,11 +302,43 @@ def test_every_plan_matches_float64_at_real_sizes(q_heads, kv_heads, head_dim, b
         spec_k, spec_v = CacheSpec(True, bits, 32, residual), CacheSpec(False, bits, 32, residual)
         key = filled_cache(spec_k, 4, kv_heads, head_dim, dtype, prompt, steps, scale=outliers)
         value = filled_cache(spec_v, 4, kv_heads, head_dim, dtype, prompt, steps)
-        for plan in decode_attention._plans():
+        for plan in decode_attention._candidate_plans():
             print(f"T = {prompt + sum(steps)}, R = {residual}, plan {plan}")
-            monkeypatch.setattr(decode_attention, "_plans", lambda plan=plan: [plan])
+            monkeypatch.setattr(decode_attention, "_candidate_plans", lambda plan=plan: [plan])
             monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
             check(q, key, value, spec_k, spec_v)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize(("q_heads", "kv_heads"), [(32, 32), (32, 8)])
+def test_a_recorded_launch_takes_the_replayed_plan_and_matches_float64(q_heads, kv_heads, monkeypatch):
+    """A small batch's decode step recorded into a CUDA graph, as ``generate`` replays it (B = 1, T = 340):
+    the recording takes the plan tuned for replays, and each replay with a new query matches float64 as a
+    direct call must."""
+    monkeypatch.setattr(decode_attention, "MMA_MIN_TOKEN_HEADS", float("inf"))
+    monkeypatch.setattr(decode_attention, "_TUNED_PLANS", {})
+    spec_k, spec_v = CacheSpec(True, 2, 32, 128), CacheSpec(False, 2, 32, 128)
+    key = filled_cache(spec_k, 1, kv_heads, 128, torch.float16, 300, [1] * 40)
+    value = filled_cache(spec_v, 1, kv_heads, 128, torch.float16, 300, [1] * 40)
+    q = torch.randn(1, q_heads, 1, 128, device=DEVICE).half()
+    replayed = torch.empty_like(q)
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        decode_attention_triton(q, key, value, None, None, False, 2, 2, 32, replayed)  # tunes outside the recording
+        with torch.cuda.graph(graph, stream=stream):
+            decode_attention_triton(q, key, value, None, None, False, 2, 2, 32, replayed)
+    ((launched_plan, replayed_plan),) = decode_attention._TUNED_PLANS.values()
+    print(f"launched {launched_plan}, replayed {replayed_plan}")
+    keys = dequantize_cache_ref(key, 2, 32, per_channel=True)
+    values = dequantize_cache_ref(value, 2, 32, per_channel=False)
+    for _ in range(3):
+        q.copy_(torch.randn_like(q))
+        replayed.fill_(float("nan"))
+        graph.replay()
+        expected = attention_f64(q, keys, values, None, False)
+        baseline_error = relative_error(attention_same_precision(q, keys, values, None, False), expected)
+        assert relative_error(replayed, expected) <= 2.0 * baseline_error + FLOOR
 
 
 def real_size_gluon_inputs(
