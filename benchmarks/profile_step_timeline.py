@@ -34,15 +34,16 @@ from tabulate import tabulate
 
 from bench_generate import GUARD_FILTERS, KIVI_METHODS, SHAPES, Method, build_model, synchronize
 from kivi_compile.runtime import KiviGraphRuntime
-from kivi_compile.step_graphs import StepGraphs
+from kivi_compile.step_graphs import StepGraphs, _Recording
 
 # A decode step's stamps, in the order they come. previous token: the last step's token reached the host;
 # forward: HF calls the compiled forward; runtime: Dynamo's guards passed, it calls the backend's runtime;
-# split step: the runtime reserved the caches' room, it calls the split step; replay: the prologue ran and
-# the inputs are copied, the CUDA graph launches; replayed: the launch returned; runtime done: the caches
-# are rebuilt; forward done: the forward returns; token: HF has the new token (it waited for the GPU).
-POINTS = ("previous token", "forward", "runtime", "split step", "replay", "replayed", "runtime done",
-          "forward done", "token")  # fmt: skip
+# split step: the runtime reserved the caches' room, it calls the split step; body: the prologue ran;
+# recording found: a recording fits the step's inputs; replay: the inputs are copied, the CUDA graph
+# launches; replayed: the launch returned; runtime done: the caches are rebuilt; forward done: the forward
+# returns; token: HF has the new token (it waited for the GPU).
+POINTS = ("previous token", "forward", "runtime", "split step", "body", "recording found", "replay", "replayed",
+          "runtime done", "forward done", "token")  # fmt: skip
 
 
 class Timeline:
@@ -63,12 +64,14 @@ class Timeline:
 
     @contextlib.contextmanager
     def watching(self, model: torch.nn.Module) -> Iterator[None]:
-        """Stamp the forward, the runtime, the split step and each replay while open."""
+        """Stamp the forward, the runtime, the split step, its body and each replay while open."""
         with contextlib.ExitStack() as stack:
             stack.enter_context(mock.patch.object(model, "forward", self._stamped(model.forward, "forward", "forward done")))
             runtime = self._stamped(KiviGraphRuntime.__call__, "runtime", "runtime done")
             stack.enter_context(mock.patch.object(KiviGraphRuntime, "__call__", runtime))
             stack.enter_context(mock.patch.object(StepGraphs, "__call__", self._stamped(StepGraphs.__call__, "split step")))
+            stack.enter_context(mock.patch.object(StepGraphs, "_run_body", self._stamped(StepGraphs._run_body, "body")))
+            stack.enter_context(mock.patch.object(_Recording, "replay", self._stamped(_Recording.replay, "recording found")))
             stack.enter_context(mock.patch.object(torch.cuda.CUDAGraph, "replay", self._timed(torch.cuda.CUDAGraph.replay)))
             yield
 

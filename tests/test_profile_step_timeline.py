@@ -17,7 +17,8 @@ def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
     timeline_script = benchmark_script("profile_step_timeline", monkeypatch)
     model = timeline_script.build_model("tiny", "cpu", torch.float32)
     prompt = torch.randint(1, model.config.vocab_size, (2, 37))
-    runtime_call, step_call, frozen = KiviGraphRuntime.__call__, StepGraphs.__call__, gc.get_freeze_count()
+    runtime_call, step_call, body_call = KiviGraphRuntime.__call__, StepGraphs.__call__, StepGraphs._run_body
+    frozen = gc.get_freeze_count()
 
     with timeline_script.Method("kivi-k2v2", model, "eager") as method:
         compiled_forward = method.model.forward
@@ -26,7 +27,7 @@ def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
 
     steps = timeline.steps()
     assert len(steps) == 8  # 9 new tokens: the first comes from prefill
-    stamped = [p for p in timeline_script.POINTS if p not in ("replay", "replayed")]  # nothing replays on the CPU
+    stamped = [p for p in timeline_script.POINTS if p not in ("recording found", "replay", "replayed")]  # no replays on the CPU
     for step in steps:
         assert [p for p in timeline_script.POINTS if p in step] == stamped
         assert [step[p] for p in stamped] == sorted(step[p] for p in stamped)
@@ -34,6 +35,7 @@ def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
     assert [(a, b) for a, b, _ in spans] == list(zip(stamped, stamped[1:]))
     assert all(ms >= 0 for _, _, ms in spans) and not timeline.replays
     assert KiviGraphRuntime.__call__ is runtime_call and StepGraphs.__call__ is step_call
+    assert StepGraphs._run_body is body_call
     assert gc.get_freeze_count() == frozen
 
 
