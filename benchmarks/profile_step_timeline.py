@@ -65,13 +65,12 @@ class Timeline:
     @contextlib.contextmanager
     def watching(self, model: torch.nn.Module) -> Iterator[None]:
         """Stamp the forward, the runtime, the split step, its body and each replay while open."""
+        stamped = [(model, "forward", "forward", "forward done"), (KiviGraphRuntime, "__call__", "runtime", "runtime done"),
+                   (StepGraphs, "__call__", "split step", None), (StepGraphs, "_run_body", "body", None),
+                   (_Recording, "replay", "recording found", None)]  # fmt: skip
         with contextlib.ExitStack() as stack:
-            stack.enter_context(mock.patch.object(model, "forward", self._stamped(model.forward, "forward", "forward done")))
-            runtime = self._stamped(KiviGraphRuntime.__call__, "runtime", "runtime done")
-            stack.enter_context(mock.patch.object(KiviGraphRuntime, "__call__", runtime))
-            stack.enter_context(mock.patch.object(StepGraphs, "__call__", self._stamped(StepGraphs.__call__, "split step")))
-            stack.enter_context(mock.patch.object(StepGraphs, "_run_body", self._stamped(StepGraphs._run_body, "body")))
-            stack.enter_context(mock.patch.object(_Recording, "replay", self._stamped(_Recording.replay, "recording found")))
+            for owner, name, before, after in stamped:
+                stack.enter_context(mock.patch.object(owner, name, self._stamped(getattr(owner, name), before, after)))
             stack.enter_context(mock.patch.object(torch.cuda.CUDAGraph, "replay", self._timed(torch.cuda.CUDAGraph.replay)))
             yield
 

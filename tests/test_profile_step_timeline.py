@@ -27,7 +27,8 @@ def test_stamps_each_decode_step_through_the_split_step(monkeypatch):
 
     steps = timeline.steps()
     assert len(steps) == 8  # 9 new tokens: the first comes from prefill
-    stamped = [p for p in timeline_script.POINTS if p not in ("recording found", "replay", "replayed")]  # no replays on the CPU
+    unreached = ("recording found", "replay", "replayed")  # nothing replays on the CPU
+    stamped = [p for p in timeline_script.POINTS if p not in unreached]
     for step in steps:
         assert [p for p in timeline_script.POINTS if p in step] == stamped
         assert [step[p] for p in stamped] == sorted(step[p] for p in stamped)
