@@ -40,6 +40,7 @@ class KiviCacheTensor(torch.Tensor):
     mins: torch.Tensor
     residual: torch.Tensor
     lengths: torch.Tensor
+    kv: QuantizedKV  # the five above, as the kernels take them (one tuple, built once: a step reads it per layer)
     spec: CacheSpec
 
     @staticmethod
@@ -50,7 +51,7 @@ class KiviCacheTensor(torch.Tensor):
         )
 
     def __init__(self, kv: QuantizedKV, spec: CacheSpec, seq_len: int | torch.SymInt) -> None:
-        self.codes, self.scales, self.mins, self.residual, self.lengths = kv
+        self.codes, self.scales, self.mins, self.residual, self.lengths = self.kv = kv
         self.spec = spec
 
     # -- construction ------------------------------------------------------------------------
@@ -79,10 +80,6 @@ class KiviCacheTensor(torch.Tensor):
         return cls(kv, spec, seq_len)
 
     # -- views of the state ------------------------------------------------------------------
-    @property
-    def kv(self) -> QuantizedKV:
-        return QuantizedKV(self.codes, self.scales, self.mins, self.residual, self.lengths)
-
     def dequantize(self) -> torch.Tensor:
         """The dense ``[B, H, T, D]`` cache in the model dtype (quantized part dequantized)."""
         spec = self.spec
