@@ -26,6 +26,12 @@ batch that fits (with the batch that ran out of memory, if one did), and writes 
 (throughput and peak memory against batch size) to ``--out``. On a terminal, each ``generate`` draws a
 progress bar on stderr.
 
+``--skip-guard-eval`` runs each timed KIVI ``generate`` under ``torch.compiler.set_stance("fail_on_recompile",
+skip_guard_eval_unsafe=True)``: after the warm-up, Dynamo checks only the guards that tell its compiled graphs
+apart, not each of those it installs on the model's modules, its cache and the cache's tensors (torch's own
+opt-in for a warm model whose inputs keep their shapes; a step that would recompile raises). Its rows are
+named ``+skip-guards``.
+
     python benchmarks/bench_generate.py --out benchmarks/results/generate
     python benchmarks/bench_generate.py --shape tiny --device cpu --batches 1,2 --new 24   # smoke test
     python benchmarks/bench_generate.py --batches 1,256 kivi-k2v2=1,384,512   # per-method batch lists
@@ -34,6 +40,7 @@ progress bar on stderr.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -104,10 +111,12 @@ class Method:
     """One way of running ``generate``: how to set the model up, and the extra generate kwargs."""
 
     def __init__(self, name: str, model: LlamaForCausalLM, compiler: str, cuda_graphs: bool = True,
-                 guard_filter: str | None = None) -> None:  # fmt: skip
+                 guard_filter: str | None = None, skip_guard_eval: bool = False) -> None:  # fmt: skip
         """``guard_filter`` names one of :data:`GUARD_FILTERS` (``skip_guard_on_all_nn_modules_unsafe``...),
-        passed to ``torch.compile`` as ``guard_filter_fn``."""
+        passed to ``torch.compile`` as ``guard_filter_fn``; ``skip_guard_eval``: see :meth:`timed`."""
         self.name, self.model = name, model
+        self.skip_guard_eval = skip_guard_eval and name in KIVI_METHODS
+        self.label = f"{name}+skip-guards" if self.skip_guard_eval else name
         self.eager_forward = model.forward
         self.guard_filter_fn = GUARD_FILTERS[guard_filter] if guard_filter else None
         self.backend = None
@@ -132,6 +141,13 @@ class Method:
     def __exit__(self, *exc) -> None:
         self.model.forward = self.eager_forward
         torch._dynamo.reset()
+
+    def timed(self) -> contextlib.AbstractContextManager:
+        """The stance of a timed ``generate``, after its warm-up: with ``skip_guard_eval``, Dynamo evaluates only
+        the guards that tell its compiled graphs apart, and a step that would recompile raises."""
+        if not self.skip_guard_eval:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True)
 
     def generate_kwargs(self) -> dict:
         if self.name == "quanto":
@@ -257,28 +273,29 @@ def sweep(method: Method, batches: list[int], args) -> Iterator[dict]:
         for batch in batches:
             compiled_before = method.backend.graphs_compiled if method.backend else 0
             try:
-                label = f"{method.name} batch {batch}"
+                label = f"{method.label} batch {batch}"
                 run_once(method, batch, args.prompt, args.warmup_new, args.device, f"{label}, warm-up")  # compiles
                 if args.freeze_gc:  # garbage first: frozen cycles would keep the warm-up's caches
                     gc.collect()
                     gc.freeze()
                 recorded_before = method.recordings_made()
-                seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device, label)
+                with method.timed():
+                    seconds, peak, step_ms, events = run_once(method, batch, args.prompt, args.new, args.device, label)
             except torch.OutOfMemoryError as error:
                 if sys.stderr.isatty():  # end the unfinished progress bar's line
                     sys.stderr.write("\n")
                 state = memory_state(error)
-                print(f"{method.name:>10} batch {batch:>4}: out of memory: {state}", flush=True)
-                yield dict(method=method.name, batch=batch, oom=True, memory_state=state)
+                print(f"{method.label:>10} batch {batch:>4}: out of memory: {state}", flush=True)
+                yield dict(method=method.label, batch=batch, oom=True, memory_state=state)
                 return
             graphs = method.backend.graphs_compiled - compiled_before if method.backend else None
             if method.backend is not None:
                 events["cuda_graphs_recorded"] = method.recordings_made() - recorded_before
-            row = dict(method=method.name, batch=batch, oom=False, seconds=seconds,
+            row = dict(method=method.label, batch=batch, oom=False, seconds=seconds,
                        tokens_per_second=batch * args.new / seconds, peak_gib=peak / 2**30, graphs=graphs,
                        median_step_ms=statistics.median(step_ms), slowest_step_ms=max(step_ms),
                        slowest_step=step_ms.index(max(step_ms)) + 1, **events)  # fmt: skip
-            print(f"{method.name:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
+            print(f"{method.label:>10} batch {batch:>4}: {row['tokens_per_second']:9.1f} tok/s, "
                   f"peak {row['peak_gib']:6.2f} GiB, graphs {graphs}, decode step median "
                   f"{row['median_step_ms']:.1f} ms, slowest {row['slowest_step_ms']:.1f} ms "
                   f"(step {row['slowest_step']}), {events}", flush=True)  # fmt: skip
@@ -393,6 +410,8 @@ def main() -> None:
     parser.add_argument("--freeze-gc", action=argparse.BooleanOptionalAction, default=True,
                         help="gc.freeze() after each warm-up, as serving stacks do once started: the compiled "
                              "graphs' objects leave the collector's full passes (which took up to 0.94 s)")  # fmt: skip
+    parser.add_argument("--skip-guard-eval", action="store_true",
+                        help="time KIVI's generate under torch's skip_guard_eval_unsafe stance (see above)")
     parser.add_argument("--out", default="benchmarks/results/generate")
     args = parser.parse_args()
     if args.warmup_new is None:
@@ -411,7 +430,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for name in names:
-        for row in sweep(Method(name, model, args.compiler, args.cuda_graphs), batches.get(name, batches[None]), args):
+        method = Method(name, model, args.compiler, args.cuda_graphs, skip_guard_eval=args.skip_guard_eval)
+        for row in sweep(method, batches.get(name, batches[None]), args):
             rows.append(row)  # saved as it comes, so a run cut short keeps the rows it finished
             result = dict(header=header, graphs=graphs_per_batch(rows), largest_batch=largest_batches(rows), rows=rows)
             (out / "bench_generate.json").write_text(json.dumps(result, indent=1))

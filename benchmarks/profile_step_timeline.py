@@ -13,9 +13,10 @@ graph and kernel first (over 150 s at Llama-2-7B's shape on an H100).
     python benchmarks/profile_step_timeline.py --shape tiny --device cpu --new 16   # smoke test: no replay
 
 The span from the forward to the runtime is Dynamo's: its guards, then the graph's inputs. ``--dynamo NAME=0|1``
-sets a boolean of ``torch._dynamo.config`` and ``--guard-filter`` passes one of ``torch.compiler``'s guard
-filters (or ``skip_shape_guards_unsafe``) to ``torch.compile``, to see what the guards cost (the 7B shape's
-32 layers run on a CPU as ``--shape llama-2-7b-narrow --device cpu``).
+sets a boolean of ``torch._dynamo.config``, ``--guard-filter`` passes one of ``torch.compiler``'s guard filters
+(or ``skip_shape_guards_unsafe``) to ``torch.compile`` and ``--skip-guard-eval`` times the generate under
+``skip_guard_eval_unsafe`` (as ``bench_generate.py --skip-guard-eval`` does), to see what the guards cost (the
+7B shape's 32 layers run on a CPU as ``--shape llama-2-7b-narrow --device cpu``).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ def timed_generate(method: Method, prompt: torch.Tensor, new_tokens: int, device
     if device == "cuda":
         torch.cuda.empty_cache()
     timeline = Timeline()
-    with timeline.watching(method.model):
+    with timeline.watching(method.model), method.timed():
         generate(timeline)
     gc.unfreeze()
     return timeline
@@ -166,13 +167,16 @@ def main() -> None:
     parser.add_argument("--dynamo", action="append", default=[], metavar="NAME=0|1",
                         help="set the boolean torch._dynamo.config.NAME (repeatable)")
     parser.add_argument("--guard-filter", choices=sorted(GUARD_FILTERS), default=None)
+    parser.add_argument("--skip-guard-eval", action="store_true",
+                        help="the timed generate under torch's skip_guard_eval_unsafe stance (bench_generate.py's)")
     args = parser.parse_args()
     for setting in args.dynamo:
         set_dynamo_flag(setting)
 
     model = build_model(args.shape, args.device, torch.float16 if args.device == "cuda" else torch.float32)
     prompt = torch.randint(1, model.config.vocab_size, (args.batch, args.prompt), device=args.device)
-    with Method(args.method, model, "inductor", guard_filter=args.guard_filter) as method:
+    with Method(args.method, model, "inductor", guard_filter=args.guard_filter,
+                skip_guard_eval=args.skip_guard_eval) as method:  # fmt: skip
         timeline = timed_generate(method, prompt, args.new, args.device)
         graphs, recordings = method.backend.graphs_compiled, method.recordings_made()
     steps = timeline.steps()
@@ -186,6 +190,8 @@ def main() -> None:
         rows.append(["replay on the GPU (CUDA events)", gpu_ms, gpu_ms / step_ms])
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     guards = ", ".join([*args.dynamo, *filter(None, [args.guard_filter])]) or "default guards"
+    if args.skip_guard_eval:
+        guards += ", guard evaluation skipped (skip_guard_eval_unsafe)"
     print(f"{args.shape}, batch {args.batch}, prompt {args.prompt} + {args.new} new tokens, {args.method} on "
           f"{device_name}, torch {torch.__version__}, {guards}: {len(replayed)} of {len(steps)} decode steps "
           f"replayed, {recordings} recordings, {graphs} graphs")  # fmt: skip

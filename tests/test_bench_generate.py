@@ -96,3 +96,21 @@ def test_progress_bar_redraws_at_most_every_interval(bench, monkeypatch):
         f"kivi batch 8 [{'#' * width}] 4/4 tokens, last step 100.0 ms\n",  # end() draws the last state
     ]
     assert steps.decode_step_ms() == pytest.approx([100.0, 500.0, 100.0])
+
+
+def test_timed_runs_can_skip_guard_evaluation(bench, monkeypatch):
+    """``--skip-guard-eval``: KIVI's timed generate, not its warm-up, runs under the stance (a recompile there
+    would raise) and its rows say so; fp16 eager compiles nothing, so it keeps its name."""
+    run_once, stances = bench.run_once, []
+
+    def watched(*args, **kwargs):
+        stances.append(torch._dynamo.eval_frame._stance)
+        return run_once(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run_once", watched)
+    model = bench.build_model("tiny", "cpu", torch.float32)
+    args = argparse.Namespace(prompt=19, new=7, warmup_new=7, device="cpu", freeze_gc=False)
+    rows = list(bench.sweep(bench.Method("kivi-k2v2", model, "eager", skip_guard_eval=True), [1], args))
+    assert [(r["method"], r["graphs"]) for r in rows] == [("kivi-k2v2+skip-guards", 2)]
+    assert [(s.stance, s.skip_guard_eval_unsafe) for s in stances] == [("default", False), ("fail_on_recompile", True)]
+    assert bench.Method("fp16", model, "eager", skip_guard_eval=True).label == "fp16"

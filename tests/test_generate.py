@@ -64,6 +64,20 @@ def test_graph_count_per_generate_and_no_recompile_on_second_call():
     assert torch.equal(first, second)
 
 
+def test_a_warm_model_generates_the_same_with_guard_evaluation_skipped():
+    """torch's opt-in for a warm model (``bench_generate.py --skip-guard-eval``): Dynamo checks only the guards
+    that tell the prefill and decode graphs apart, and still picks the right one for every step."""
+    model = tiny_model("llama")
+    backend = compiled(model, KiviConfig(residual_length=32, compiler="eager"))
+    prompt = torch.randint(1, model.config.vocab_size, (2, PROMPT_LEN))
+    guarded, _ = greedy(model, prompt, 70)  # crosses capacity growths and key flushes
+    after_warm_up = backend.graphs_compiled
+    with torch.compiler.set_stance("fail_on_recompile", skip_guard_eval_unsafe=True):
+        unguarded, _ = greedy(model, prompt, 70)
+    assert backend.graphs_compiled == after_warm_up
+    assert torch.equal(unguarded, guarded)
+
+
 def test_cache_left_in_the_model_is_quantized():
     model = tiny_model("llama")
     compiled(model, KiviConfig(residual_length=32, compiler="eager"))
