@@ -45,7 +45,8 @@ def captured_guards() -> Iterator[list[tuple[Any, dict]]]:
         raise RuntimeError(f"torch {torch.__version__} has no torch._dynamo.guards.guard_manager_testing_hook_fn")
     frames: list[tuple[Any, dict]] = []
     previous = dynamo_guards.guard_manager_testing_hook_fn
-    dynamo_guards.guard_manager_testing_hook_fn = lambda manager, scope, builder: frames.append((manager, dict(scope)))
+    # Older torch passes (manager, scope), newer (manager, scope, builder).
+    dynamo_guards.guard_manager_testing_hook_fn = lambda manager, scope, *_: frames.append((manager, dict(scope)))
     try:
         yield frames
     finally:

@@ -4,12 +4,10 @@ residual held 3-D (so the wrapper's dynamic token dim is not mirrored onto it). 
 touches only the wrapper (as HF's code does; the views are read in ``__torch_dispatch__``). Does Dynamo honour the
 storage's dynamic mark, compile once across growth and match eager, and how long do its guards take, beside today's
 layout (five buffers flattened, the wrapper's token dim marked dynamic)? Run: python flat_storage_proto.py"""
-import statistics
-import time
-
 import torch
 import torch._dynamo.guards as dynamo_guards
 from torch.utils._pytree import tree_map
+from wrapper_guards_toy import Layer, median_check_us
 
 B, H, CODE_COLS, SCALE_COLS = 1, 32, 32, 32
 BYTES_PER_UNIT = B * H * (CODE_COLS + 2 * 2 * SCALE_COLS)  # uint8 codes, float16 scales and minima
@@ -74,11 +72,6 @@ def summary(cache: FlatCache) -> torch.Tensor:
     return cache.codes.float().sum() + (cache.scales.float() * cache.mins.float()).sum() + cache.residual.sum()
 
 
-class Layer:
-    def __init__(self, keys):
-        self.keys = keys
-
-
 def new_cache(layout: type, units: int) -> FlatCache:
     storage = torch.randint(0, 60, (units, BYTES_PER_UNIT), dtype=torch.uint8)  # small bytes: finite float16
     cache = layout(storage, torch.randn(B, H, 128, 128), seq_len=units * 4)
@@ -108,14 +101,6 @@ for layout in (FiveBuffers, FlatCache):
         print(f"{layout.__name__}, units {units}: frames compiled so far {len(frames)}, "
               f"matches eager: {torch.allclose(out, expected)}")
     manager, scope = frames[-1]
-    rounds = []
-    for _ in range(5):
-        times = []
-        for _ in range(300):
-            start = time.perf_counter()
-            manager.check(scope)
-            times.append((time.perf_counter() - start) * 1e6)
-        rounds.append(statistics.median(times))
     relations = [line for guard in manager.root.get_epilogue_lambda_guards() for line in guard.verbose_code_parts()]
-    print(f"{layout.__name__}: guards pass: {manager.check(scope)}; warm check {statistics.median(rounds):.0f} us "
+    print(f"{layout.__name__}: guards pass: {manager.check(scope)}; warm check {median_check_us(manager, scope):.0f} us "
           f"(medians of 5 rounds of 300); {len(relations)} shape relations")
