@@ -1,11 +1,11 @@
 """What Dynamo's guards cost a decode step: the decode frame's guards, counted by kind and timed.
 
 Before each call of a compiled frame Dynamo checks its guards against the frame's arguments. At small
-batch that check is host time before the step's CUDA-graph replay, with the GPU idle. This compiles two
-copies of the model in one process: one with KIVI, one with ``backend="eager"`` on HF's dense cache (the
-baseline: the same model's guards without KIVI's caches). It runs a short ``generate`` with each. For the decode frame
-(the last one compiled) it counts the guards by kind and times a check against the arguments the frame
-was compiled for:
+batch that check is host time before the step's CUDA-graph replay, with the GPU idle. This compiles the
+model with ``backend="eager"`` on HF's dense cache (the baseline: the model's guards without KIVI's caches),
+then with KIVI, and runs a short ``generate`` with each. For each one's decode frame (the last compiled) it
+counts the guards by kind, and times checks against the arguments the frame was compiled for, as soon as
+it is compiled:
 - ``warm``: the median of repeated checks, with the guarded objects in the CPU caches;
 - ``cold``: the median of torch's ``profile_guard_manager``, which flushes the CPU caches before a check. A
   real step also reaches its guards after other work has evicted them.
@@ -21,7 +21,7 @@ import contextlib
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,18 +35,26 @@ BASELINE = "dense cache, backend=eager"
 
 
 @contextlib.contextmanager
-def captured_guards() -> Iterator[list[tuple[Any, dict]]]:
-    """Each frame compiled meanwhile: its guard manager and the arguments it was compiled for.
+def timed_frames(rounds: int, repeats: int) -> Iterator[list[dict]]:
+    """Each frame compiled meanwhile: its guard manager, and its checks timed against the arguments it was
+    compiled for, at once (later steps change what those arguments reach: HF's dense cache replaces its tensors).
 
     Dynamo calls its testing hook once per compiled frame, after building the guards: the one place that
     hands out both.
     """
     if not hasattr(dynamo_guards, "guard_manager_testing_hook_fn"):
         raise RuntimeError(f"torch {torch.__version__} has no torch._dynamo.guards.guard_manager_testing_hook_fn")
-    frames: list[tuple[Any, dict]] = []
+    frames: list[dict] = []
+
+    def time_checks(manager: Any, scope: dict, *_: Any) -> None:  # older torch passes no third argument
+        if not manager.check(scope):
+            raise RuntimeError(f"guards fail on their own arguments: {manager.check_verbose(scope).verbose_code_parts}")
+        warm, cold = (statistics.median(times) for times in zip(*(check_times_us(manager, scope, repeats)
+                                                                    for _ in range(rounds))))  # fmt: skip
+        frames.append(dict(manager=manager, warm_us=warm, cold_us=cold))
+
     previous = dynamo_guards.guard_manager_testing_hook_fn
-    # Older torch passes (manager, scope), newer (manager, scope, builder).
-    dynamo_guards.guard_manager_testing_hook_fn = lambda manager, scope, *_: frames.append((manager, dict(scope)))
+    dynamo_guards.guard_manager_testing_hook_fn = time_checks
     try:
         yield frames
     finally:
@@ -85,45 +93,40 @@ def check_times_us(manager: Any, scope: dict, repeats: int) -> tuple[float, floa
     return statistics.median(warm), statistics.median(cold)
 
 
-@contextlib.contextmanager
-def decode_frames(method: str, shape: str, device: str, prompt_len: int, new_tokens: int) -> Iterator[list[dict]]:
-    """Compile a model of ``shape`` for ``method``, and another for :data:`BASELINE`; generate with each. While
-    open, both stay compiled (their guards read globals Dynamo installs for them): yields their decode frames."""
+def decode_frame_rows(method: str, shape: str, device: str, prompt_len: int, new_tokens: int, rounds: int,
+                      repeats: int) -> list[dict]:  # fmt: skip
+    """Compile a model of ``shape`` with :data:`BASELINE`, then with ``method``; generate with each; their decode
+    frames' (the last compiled) guards counted and timed."""
     dtype = torch.float16 if device == "cuda" else torch.float32
-    kivi_model, dense_model = build_model(shape, device, dtype), build_model(shape, device, dtype)
-    prompt = torch.randint(1, kivi_model.config.vocab_size, (1, prompt_len), device=device)
-    with captured_guards() as frames, Method(method, kivi_model, "eager") as kivi:  # Dynamo reset on entry and exit
-        kivi.generate(prompt, new_tokens)
-        compiled = {method: frames[:]}
-        dense_model.forward = torch.compile(dense_model.forward, backend="eager")
-        Method("fp16", dense_model, "eager").generate(prompt, new_tokens)
-        compiled[BASELINE] = frames[len(compiled[method]) :]
-        decode = []
-        for name in (BASELINE, method):
-            manager, scope = compiled[name][-1]
-            # The frame's arguments as generate passed them; generate runs under no_grad, which the guards check.
-            with torch.no_grad():
-                if not manager.check(scope):
-                    raise RuntimeError(f"{name}'s guards fail on their own arguments: "
-                                       f"{manager.check_verbose(scope).verbose_code_parts}")  # fmt: skip
-            decode.append(dict(method=name, frames=len(compiled[name]), manager=manager, scope=scope))
-        yield decode
-
-
-def profile(frames: list[dict], rounds: int, repeats: int) -> list[dict]:
-    """Count each frame's guards; time their checks in alternating rounds (medians of the rounds' medians)."""
-    times: dict[str, list[tuple[float, float]]] = {frame["method"]: [] for frame in frames}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for frame in frames:
-                times[frame["method"]].append(check_times_us(frame["manager"], frame["scope"], repeats))
+    model = build_model(shape, device, dtype)
+    prompt = torch.randint(1, model.config.vocab_size, (1, prompt_len), device=device)
     rows = []
-    for frame in frames:
-        counts, objects, shape_relations = count_guards(frame["manager"])
-        warm, cold = (statistics.median(column) for column in zip(*times[frame["method"]]))
-        rows.append(dict(method=frame["method"], frames=frame["frames"], counts=counts, objects=objects,
-                         shape_relations=shape_relations, warm_us=warm, cold_us=cold))  # fmt: skip
+    for name in (BASELINE, method):
+        with timed_frames(rounds, repeats) as frames, compiled(name, model) as generate:
+            generate(prompt, new_tokens)
+        counts, objects, shape_relations = count_guards(frames[-1]["manager"])
+        rows.append(dict(method=name, frames=len(frames), counts=counts, objects=objects,
+                         shape_relations=shape_relations, warm_us=frames[-1]["warm_us"],
+                         cold_us=frames[-1]["cold_us"]))  # fmt: skip
     return rows
+
+
+@contextlib.contextmanager
+def compiled(method: str, model: torch.nn.Module) -> Iterator[Callable[[torch.Tensor, int], None]]:
+    """``model.forward`` compiled for ``method`` (a KIVI method, or :data:`BASELINE`) while open; yields the
+    workload's ``generate``. Dynamo starts afresh on entry and exit."""
+    if method != BASELINE:
+        with Method(method, model, "eager") as kivi:
+            yield kivi.generate
+        return
+    torch._dynamo.reset()
+    eager_forward = model.forward
+    model.forward = torch.compile(eager_forward, backend="eager")
+    try:
+        yield Method("fp16", model, "eager").generate
+    finally:
+        model.forward = eager_forward
+        torch._dynamo.reset()
 
 
 def table(rows: list[dict]) -> str:
@@ -151,12 +154,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=100, help="checks timed per round, warm and cold each")
     args = parser.parse_args()
 
-    with decode_frames(args.method, args.shape, args.device, args.prompt, args.new) as frames:
-        rows = profile(frames, args.rounds, args.repeats)
+    rows = decode_frame_rows(args.method, args.shape, args.device, args.prompt, args.new, args.rounds, args.repeats)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{args.shape}, batch 1, prompt {args.prompt} + {args.new} new tokens, on {device}; "
-          f"torch {torch.__version__}; the decode frame's guards, medians of {args.rounds} alternating rounds "
-          f"of {args.repeats} checks")  # fmt: skip
+          f"torch {torch.__version__}; the decode frame's guards, timed when compiled: medians of {args.rounds} "
+          f"rounds of {args.repeats} checks")  # fmt: skip
     print(table(rows))
 
 

@@ -12,8 +12,8 @@ def profiler(monkeypatch):
 
 
 def test_kivi_caches_guard_their_buffers_beside_a_dense_baseline(profiler):
-    with profiler.decode_frames("kivi-k2v2", "tiny", "cpu", prompt_len=19, new_tokens=4) as frames:
-        rows = {row["method"]: row for row in profiler.profile(frames, rounds=2, repeats=3)}
+    rows = profiler.decode_frame_rows("kivi-k2v2", "tiny", "cpu", prompt_len=19, new_tokens=4, rounds=2, repeats=3)
+    rows = {row["method"]: row for row in rows}
     dense, kivi = rows[profiler.BASELINE], rows["kivi-k2v2"]
     assert kivi["frames"] == 2  # prefill and decode: the decode frame is the last
     caches = 2 * 2  # keys and values of the tiny model's 2 layers
