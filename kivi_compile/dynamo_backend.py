@@ -66,7 +66,15 @@ class KiviBackend:
             log.info(result.step_graph)
             return self._compile(result.graph_module, result.example_inputs)
         on_cuda = any(isinstance(x, torch.Tensor) and x.is_cuda for x in result.example_inputs)
-        runner = StepGraphs(split, self._compile(split.body, split.body_example_inputs), record=on_cuda)
+        prologue_examples = [result.example_inputs[i] for i in split.prologue_inputs]
+        runner = StepGraphs(
+            split,
+            # Run every step, outside the recording: compiled, the mask it builds on an H100 host is
+            # one launch instead of an op-by-op FX call.
+            prologue=self._compile(split.prologue, prologue_examples) if split.prologue_computes else split.prologue,
+            body=self._compile(split.body, split.body_example_inputs),
+            record=on_cuda,
+        )
         result.step_graph = "decode step split for CUDA graphs (recorded while host-bound)" if on_cuda else (
             "decode step split for CUDA graphs (run directly: not on CUDA)"
         )

@@ -81,13 +81,18 @@ class _Recording:
 class StepGraphs:
     """Callable with the rewritten graph's signature: prologue, padded masks, then the body.
 
+    ``prologue`` and ``body`` run ``split.prologue`` and ``split.body`` (each compiled, or as they are).
+
     Attributes:
         recordings_made: CUDA graphs recorded so far (a new one per cache capacity).
         not_recorded: why the body runs unrecorded ('' while recording is on).
     """
 
-    def __init__(self, split: StepSplit, body: Callable[..., Any], record: bool) -> None:
+    def __init__(
+        self, split: StepSplit, prologue: Callable[..., Any], body: Callable[..., Any], record: bool
+    ) -> None:
         self.split = split
+        self.prologue = prologue
         self.body = body
         self.not_recorded = "" if record else "not on CUDA"
         self.recordings_made = 0
@@ -108,7 +113,7 @@ class StepGraphs:
 
     def __call__(self, *args: Any) -> list[Any]:
         split = self.split
-        results = split.prologue(*(args[i] for i in split.prologue_inputs))
+        results = self.prologue(*(args[i] for i in split.prologue_inputs))
         body_args = [args[i] for i in split.body_inputs] + list(results)
         outputs = self._run_body(body_args, split.mask_width(args), split.batch_heads(args))
         return [outputs[i] if source == "body" else results[i] for source, i in split.outputs]

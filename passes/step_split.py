@@ -65,6 +65,11 @@ class StepSplit:
     capacity_source: tuple[int, int, int]
     outputs: tuple[tuple[Literal["body", "prologue"], int], ...]
 
+    @property
+    def prologue_computes(self) -> bool:
+        """The prologue has work (with a 2-D padding mask, the attention mask): worth compiling."""
+        return any(node.op not in ("placeholder", "output") for node in self.prologue.graph.nodes)
+
     def mask_width(self, args: Sequence[Any]) -> int:
         """The tokens the cache buffers in ``args`` can hold: at least those of this step."""
         codes, residual, tokens_per_row = self.capacity_source
