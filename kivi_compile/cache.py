@@ -16,10 +16,10 @@ from __future__ import annotations
 import torch
 from torch.utils._pytree import tree_map_only
 
+from kivi_compile.cache_buffers import HeldBuffers, allocate_held, held_dynamic, units_for, views_of
 from kivi_compile.config import CacheSpec
 from kivi_compile.kernels.append import flush_count
 from kivi_compile.kernels.cache_layout import RESIDUAL_START, QuantizedKV, lengths_tensor, read_lengths, residual_tokens_ref
-from kivi_compile.kernels.quantize import tokens_per_code_row, tokens_per_scale_row
 from kivi_compile.padding import backfill_hidden_keys
 
 aten = torch.ops.aten
@@ -35,24 +35,50 @@ _SMALL_GROWTH_BYTES = 4 * 2**20
 
 
 class KiviCacheTensor(torch.Tensor):
-    codes: torch.Tensor
-    scales: torch.Tensor
-    mins: torch.Tensor
-    residual: torch.Tensor
-    lengths: torch.Tensor
-    kv: QuantizedKV  # the five above, as the kernels take them (one tuple, built once: a step reads it per layer)
+    held: HeldBuffers  # the inner tensors (see cache_buffers.py), also set as attributes of their names
     spec: CacheSpec
 
     @staticmethod
-    def __new__(cls, kv: QuantizedKV, spec: CacheSpec, seq_len: int | torch.SymInt):
-        batch, heads, _, head_dim = kv.residual.shape
-        return torch.Tensor._make_wrapper_subclass(
-            cls, (batch, heads, seq_len, head_dim), dtype=kv.residual.dtype, device=kv.residual.device
-        )
+    def __new__(cls, held: HeldBuffers, spec: CacheSpec, shape: tuple):
+        """``shape``: the dense ``[B, H, T, D]`` cache's (``T`` an int or a SymInt)."""
+        residual = held.residual_rows
+        return torch.Tensor._make_wrapper_subclass(cls, shape, dtype=residual.dtype, device=residual.device)
 
-    def __init__(self, kv: QuantizedKV, spec: CacheSpec, seq_len: int | torch.SymInt) -> None:
-        self.codes, self.scales, self.mins, self.residual, self.lengths = self.kv = kv
+    def __init__(self, held: HeldBuffers, spec: CacheSpec, shape: tuple) -> None:
+        self.held = held
+        self.code_units, self.scale_units, self.min_units, self.residual_rows, self.lengths = held
         self.spec = spec
+        self._kv: QuantizedKV | None = None
+
+    @property
+    def kv(self) -> QuantizedKV:
+        """The five buffers as the kernels take them, 4-D (made once per cache object, when first read)."""
+        if self._kv is None:
+            self._kv = views_of(self.held, self.spec, self.shape[1], self.shape[-1])
+        return self._kv
+
+    @property
+    def codes(self) -> torch.Tensor:
+        return self.kv.codes
+
+    @property
+    def scales(self) -> torch.Tensor:
+        return self.kv.scales
+
+    @property
+    def mins(self) -> torch.Tensor:
+        return self.kv.mins
+
+    @property
+    def residual(self) -> torch.Tensor:
+        return self.kv.residual
+
+    def with_length(self, seq_len: int | torch.SymInt) -> KiviCacheTensor:
+        """A cache of ``seq_len`` tokens over these buffers (after an append into them)."""
+        return KiviCacheTensor(self.held, self.spec, self._shape_with(seq_len))
+
+    def _shape_with(self, seq_len: int | torch.SymInt) -> tuple:
+        return (*self.shape[:2], seq_len, self.shape[-1])
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -72,12 +98,16 @@ class KiviCacheTensor(torch.Tensor):
         _check_dense(dense, spec)
         if visible is not None and spec.per_channel:
             dense = backfill_hidden_keys(dense, visible)
-        seq_len = dense.shape[-2]
-        kv = allocate_buffers(dense, spec, *_required_capacity(spec, seq_len, next_tokens))
-        torch.ops.kivi.store_prefill_(
-            *kv, dense, spec.bits, spec.group_size, spec.residual_length, spec.per_channel
+        quant_tokens, residual_tokens = _required_capacity(spec, dense.shape[-2], next_tokens)
+        batch, heads, _, head_dim = dense.shape
+        held = allocate_held(
+            (batch, heads, head_dim), dense.dtype, dense.device, spec, units_for(spec, quant_tokens), residual_tokens
         )
-        return cls(kv, spec, seq_len)
+        cache = cls(held, spec, dense.shape)
+        torch.ops.kivi.store_prefill_(
+            *cache.kv, dense, spec.bits, spec.group_size, spec.residual_length, spec.per_channel
+        )
+        return cache
 
     # -- views of the state ------------------------------------------------------------------
     def dequantize(self) -> torch.Tensor:
@@ -89,7 +119,7 @@ class KiviCacheTensor(torch.Tensor):
 
     def nbytes_held(self) -> int:
         """Bytes of device memory the cache holds (all buffers at their current capacity)."""
-        return sum(t.numel() * t.element_size() for t in self.kv)
+        return sum(t.numel() * t.element_size() for t in self.held)
 
     def reserved(self, new_tokens: int) -> KiviCacheTensor:
         """This cache with capacity for ``new_tokens`` more (itself when it already has room).
@@ -99,13 +129,13 @@ class KiviCacheTensor(torch.Tensor):
         holding old and new buffers of all of them at once would double the cache's peak.
         """
         quant_tokens, residual_tokens = _required_capacity(self.spec, self.shape[-2], new_tokens)
-        quant_capacity = self.codes.shape[-2] * tokens_per_code_row(self.spec.per_channel, self.spec.bits)
-        if quant_tokens <= quant_capacity and residual_tokens <= self.residual.shape[-2]:
+        quant_capacity = self.code_units.shape[0] * self.spec.group_size
+        if quant_tokens <= quant_capacity and residual_tokens <= self.residual_rows.shape[0]:
             return self
-        kv = _grown(self.kv, self.spec, quant_tokens, residual_tokens)
-        for moved in (self.codes, self.scales, self.mins, self.residual):
+        grown = _grown(self, quant_tokens, residual_tokens)
+        for moved in self.held[:4]:
             moved.untyped_storage().resize_(0)
-        return KiviCacheTensor(kv, self.spec, self.shape[-2])
+        return grown
 
     def appended(self, new: torch.Tensor) -> KiviCacheTensor:
         """Quantize-on-append ``new [B, H, n, D]``; returns the cache of ``T + n`` tokens."""
@@ -113,12 +143,20 @@ class KiviCacheTensor(torch.Tensor):
         cache = self.reserved(new.shape[-2])
         spec = self.spec
         torch.ops.kivi.append_(*cache.kv, new, spec.bits, spec.group_size, spec.residual_length, spec.per_channel)
-        return KiviCacheTensor(cache.kv, spec, self.shape[-2] + new.shape[-2])
+        return cache.with_length(self.shape[-2] + new.shape[-2])
 
     def batch_selected(self, rows: torch.Tensor) -> KiviCacheTensor:
         """The cache of batch rows ``rows`` (beam search reorders beams this way)."""
-        buffers = (t.index_select(0, rows.to(t.device)) for t in (self.codes, self.scales, self.mins, self.residual))
-        return _dynamic(KiviCacheTensor(QuantizedKV(*buffers, self.lengths.clone()), self.spec, self.shape[-2]))
+        _, heads, seq_len, head_dim = self.shape
+        held = allocate_held(
+            (len(rows), heads, head_dim), self.dtype, self.device, self.spec, self.code_units.shape[0],
+            self.residual_rows.shape[0],
+        )  # fmt: skip
+        selected = KiviCacheTensor(held, self.spec, (len(rows), heads, seq_len, head_dim))
+        for source, target in zip(self.kv[:4], selected.kv[:4]):
+            torch.index_select(source, 0, rows.to(source.device), out=target)
+        selected.lengths.copy_(self.lengths)
+        return _dynamic(selected)
 
     def cropped(self, seq_len: int) -> KiviCacheTensor:
         """The first ``seq_len`` tokens (assisted decoding drops rejected candidates this way).
@@ -134,14 +172,11 @@ class KiviCacheTensor(torch.Tensor):
         lengths = lengths_tensor(n_quant, seq_len - n_quant, start, self.lengths.device)
         # A view of this cache to autograd (it answers aten.slice): Dynamo fakeifies it by replaying
         # the crop on this cache's (dynamic) sizes, so it must not be marked itself.
-        return KiviCacheTensor(self.kv._replace(lengths=lengths), self.spec, seq_len)
+        return KiviCacheTensor(self.held._replace(lengths=lengths), self.spec, self._shape_with(seq_len))
 
     def mark_dynamic(self) -> None:
-        """Ask Dynamo to treat the growing sizes as dynamic, so steps and growth do not recompile.
-
-        Dynamo mirrors the mark onto the inner tensors of the same rank: the four ``[B, H, rows, cols]``
-        buffers, whose rows grow with the cache.
-        """
+        """Ask Dynamo to treat the token count as dynamic, so steps do not recompile (the unit buffers'
+        units, which grow, are marked when allocated)."""
         torch._dynamo.maybe_mark_dynamic(self, 2)
 
     def __repr__(self) -> str:  # type: ignore[override]
@@ -153,37 +188,36 @@ class KiviCacheTensor(torch.Tensor):
 
     # -- tensor subclass protocol ------------------------------------------------------------
     def __tensor_flatten__(self) -> tuple[list[str], CacheSpec]:
-        return ["codes", "scales", "mins", "residual", "lengths"], self.spec
+        return list(HeldBuffers._fields), self.spec
 
     @staticmethod
     def __tensor_unflatten__(inner: dict, spec: CacheSpec, outer_size, outer_stride) -> KiviCacheTensor:
-        kv = QuantizedKV(inner["codes"], inner["scales"], inner["mins"], inner["residual"], inner["lengths"])
-        return KiviCacheTensor(kv, spec, outer_size[-2])
+        return KiviCacheTensor(HeldBuffers(**inner), spec, tuple(outer_size))
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is aten.cat.default and _is_append(args, kwargs):
             past, new = args[0]
-            if _is_fake(past.residual):  # tracing: only the shape matters, buffers are reserved later
-                return KiviCacheTensor(past.kv, past.spec, past.shape[-2] + new.shape[-2])
+            if _is_fake(past.residual_rows):  # tracing: only the shape matters, buffers are reserved later
+                return past.with_length(past.shape[-2] + new.shape[-2])
             return past.appended(new)
         if func in (aten.detach.default, aten.alias.default):
             (cache,) = args
-            return KiviCacheTensor(cache.kv, cache.spec, cache.shape[-2])
+            return cache.with_length(cache.shape[-2])
         if func is aten.index_select.default and args[1] == 0:  # beam search: reorder_cache
             cache, _, rows = args
             return cache.batch_selected(rows)
         if func is aten.slice.Tensor and _is_crop(args):  # assisted decoding: crop
             cache, end = args[0], args[3]
             seq_len = min(end if end >= 0 else cache.shape[-2] + end, cache.shape[-2])
-            if _is_fake(cache.residual):  # Dynamo replaying the crop (a view op) on its fake input
-                return KiviCacheTensor(cache.kv, cache.spec, seq_len)
+            if _is_fake(cache.residual_rows):  # Dynamo replaying the crop (a view op) on its fake input
+                return cache.with_length(seq_len)
             return cache.cropped(seq_len)
         if func is aten._to_copy.default and set(kwargs) <= {"device", "non_blocking"}:  # offload
             cache = args[0]
-            moved = (t.to(kwargs.get("device"), non_blocking=kwargs.get("non_blocking", False)) for t in cache.kv)
-            return _dynamic(KiviCacheTensor(QuantizedKV(*moved), cache.spec, cache.shape[-2]))
+            moved = (t.to(kwargs.get("device"), non_blocking=kwargs.get("non_blocking", False)) for t in cache.held)
+            return _dynamic(KiviCacheTensor(held_dynamic(HeldBuffers(*moved)), cache.spec, cache.shape))
         if func._schema.is_mutable:
             raise NotImplementedError(
                 f"{func} would write into a KIVI-quantized cache; only torch.cat([cache, new], dim=-2) "
@@ -245,50 +279,39 @@ def _required_capacity(spec: CacheSpec, seq_len: int, new_tokens: int) -> tuple[
     return flush_count(seq_len, spec.residual_length, spec.per_channel), spec.residual_length + new_tokens
 
 
-def _quant_rows(spec: CacheSpec, quant_tokens: int) -> tuple[int, int]:
-    """(code rows, scale rows) for a quantized capacity, at least 2 of each (no 0/1 specialisation)."""
-    granule = spec.group_size
-    tokens = max(2 * granule, -(-quant_tokens // granule) * granule)
-    return tokens // tokens_per_code_row(spec.per_channel, spec.bits), tokens // tokens_per_scale_row(
-        spec.per_channel, spec.group_size
-    )
-
-
 def allocate_buffers(like: torch.Tensor, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
-    """Empty buffers for ``quant_tokens`` quantized and ``residual_tokens`` residual tokens of ``like``'s shape."""
+    """Zeroed buffers for ``quant_tokens`` quantized and ``residual_tokens`` residual tokens of ``like``'s
+    ``[B, H, *, D]`` shape, as the kernels take them."""
     batch, heads, _, head_dim = like.shape
-    code_rows, scale_rows = _quant_rows(spec, quant_tokens)
-    code_cols = head_dim if spec.per_channel else head_dim * spec.bits // 8
-    scale_cols = head_dim if spec.per_channel else head_dim // spec.group_size
-    device = like.device
-    return QuantizedKV(
-        codes=torch.zeros(batch, heads, code_rows, code_cols, dtype=torch.uint8, device=device),
-        scales=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
-        mins=torch.zeros(batch, heads, scale_rows, scale_cols, dtype=like.dtype, device=device),
-        residual=torch.zeros(batch, heads, residual_tokens, head_dim, dtype=like.dtype, device=device),
-        lengths=lengths_tensor(0, 0, 0, device),
+    held = allocate_held(
+        (batch, heads, head_dim), like.dtype, like.device, spec, units_for(spec, quant_tokens), residual_tokens
     )
+    return views_of(held, spec, heads, head_dim)
 
 
-def _grown(kv: QuantizedKV, spec: CacheSpec, quant_tokens: int, residual_tokens: int) -> QuantizedKV:
-    """Copy ``kv`` into buffers with room for the required tokens, growing geometrically."""
-    quant_capacity = kv.codes.shape[-2] * tokens_per_code_row(spec.per_channel, spec.bits)
+def _grown(cache: KiviCacheTensor, quant_tokens: int, residual_tokens: int) -> KiviCacheTensor:
+    """``cache`` copied into buffers with room for the required tokens, growing geometrically."""
+    spec, kv = cache.spec, cache.kv
+    quant_capacity = cache.code_units.shape[0] * spec.group_size
     if quant_tokens > quant_capacity:
-        bytes_per_token = sum(t.numel() * t.element_size() for t in (kv.codes, kv.scales, kv.mins)) / quant_capacity
+        bytes_per_token = sum(t.numel() * t.element_size() for t in cache.held[:3]) / quant_capacity
         doubling = min(quant_capacity, int(_SMALL_GROWTH_BYTES // bytes_per_token))
         quant_tokens = max(quant_tokens, quant_capacity + max(quant_capacity // _GROWTH_DIVISOR, doubling))
     else:
         quant_tokens = quant_capacity
     residual_tokens = max(residual_tokens, kv.residual.shape[-2])
-    grown = allocate_buffers(kv.residual, spec, quant_tokens, residual_tokens)
-    for old, new in zip((kv.codes, kv.scales, kv.mins), (grown.codes, grown.scales, grown.mins)):
+    batch, heads, _, head_dim = cache.shape
+    held = allocate_held(
+        (batch, heads, head_dim), cache.dtype, cache.device, spec, units_for(spec, quant_tokens), residual_tokens
+    )
+    grown = KiviCacheTensor(held, spec, cache.shape)
+    for old, new in zip(kv[:3], grown.kv[:3]):
         new[..., : old.shape[-2], :] = old
+    grown.lengths.copy_(kv.lengths)
     if residual_tokens == kv.residual.shape[-2]:
         grown.residual.copy_(kv.residual)
-        grown.lengths.copy_(kv.lengths)
     else:  # unroll the ring into the larger buffer
         ordered = residual_tokens_ref(kv)
         grown.residual[..., : ordered.shape[-2], :] = ordered
-        grown.lengths.copy_(kv.lengths)
         grown.lengths[RESIDUAL_START] = 0
     return grown

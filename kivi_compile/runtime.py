@@ -33,7 +33,7 @@ class KiviGraphRuntime:
             new_tokens = read_new_tokens(args)
             cache = args[index].reserved(new_tokens)
             grown[index] = (cache, args[index].shape[-2] + new_tokens)
-            flat.extend(cache.kv)
+            flat.extend(cache.held)
         flat.extend(args[after_previous:])
         outputs = list(self.compiled(*flat))  # Dynamo's convention; compile_fx's result follows it
         return tuple(self._result(slot, outputs, grown) for slot in self.plan.outputs)
@@ -48,6 +48,6 @@ class KiviGraphRuntime:
             cache = KiviCacheTensor.from_dense(dense, slot.spec, visible=visible)
         else:
             buffers, seq_len = grown[slot.index]
-            cache = KiviCacheTensor(buffers.kv, buffers.spec, seq_len)
+            cache = buffers.with_length(seq_len)
         cache.mark_dynamic()
         return cache

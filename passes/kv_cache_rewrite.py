@@ -2,8 +2,9 @@
 
 - Prefill (dense ``past``): attention stays full precision; the cache the graph returns is marked
   to be quantized by the runtime into a ``KiviCacheTensor`` as it leaves the graph.
-- Decode (``KiviCacheTensor`` past): the cache placeholder is flattened into its five buffers; the
-  two ``cat`` appends become one ``kivi::append_kv_`` (quantize-on-append, in place) and the SDPA call
+- Decode (``KiviCacheTensor`` past): the cache placeholder is flattened into its five held buffers,
+  from which the graph makes the kernels' views (``cache_buffers.py``); the two ``cat`` appends
+  become one ``kivi::append_kv_`` (quantize-on-append, in place) and the SDPA call
   (with its GQA expansion) becomes ``kivi::decode_attention`` over quantized ++ residual. The
   runtime rebuilds the returned caches from the same buffers.
 
@@ -13,6 +14,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -21,7 +23,9 @@ import torch
 from torch.fx import GraphModule, Node
 
 from kivi_compile.cache import KiviCacheTensor
+from kivi_compile.cache_buffers import HeldBuffers, kernel_views
 from kivi_compile.config import CacheSpec, KiviConfig
+from kivi_compile.kernels.cache_layout import QuantizedKV
 from kivi_compile.padding import key_validity
 from kivi_compile.passes.attention_sites import (
     KVAppend,
@@ -35,8 +39,6 @@ from kivi_compile.passes.attention_sites import (
     source_location,
 )
 from kivi_compile.passes.symbolic_sizes import SizeReader, size_reader
-
-_CACHE_FIELDS = ("codes", "scales", "mins", "residual", "lengths")
 
 
 @dataclass(frozen=True)
@@ -105,16 +107,44 @@ def _record(site: SiteMatch | SiteMiss, phase, rewritten: bool, reason: str | No
 
 
 def _flatten_placeholder(graph: torch.fx.Graph, placeholder: Node) -> list[Node]:
-    """New placeholders for the five buffers of a ``KiviCacheTensor`` placeholder, right after it."""
+    """New placeholders for the held buffers of a ``KiviCacheTensor`` placeholder, right after it, and
+    the kernels' five buffers: four views, named for what they show (after the caches' earlier views),
+    and the lengths."""
     cache = fake_value(placeholder)
-    nodes, anchor = [], placeholder
-    for name in _CACHE_FIELDS:
+    held, anchor = [], placeholder
+    for name, value in zip(HeldBuffers._fields, cache.held):
         with graph.inserting_after(anchor):
-            node = graph.placeholder(f"{placeholder.name}_{name}")
-        node.meta["example_value"] = node.meta["val"] = getattr(cache, name)
-        nodes.append(node)
-        anchor = node
-    return nodes
+            anchor = graph.placeholder(f"{placeholder.name}_{name}")
+        _set_value(anchor, value)
+        held.append(anchor)
+    first_operation = next(node for node in graph.nodes if node.op != "placeholder" and not _makes_views(node))
+    with graph.inserting_before(first_operation):
+        spec, heads, head_dim = cache.spec, int(cache.shape[1]), int(cache.shape[-1])
+        views = graph.create_node(
+            "call_function",
+            kernel_views,
+            (*held, heads, head_dim, spec.bits, spec.group_size, spec.per_channel),
+            name=f"{placeholder.name}_views",
+        )
+        _set_value(views, cache.kv)
+        nodes = []
+        for index, (name, value) in enumerate(zip(QuantizedKV._fields[:4], cache.kv)):
+            nodes.append(
+                graph.create_node("call_function", operator.getitem, (views, index), name=f"{placeholder.name}_{name}")
+            )
+            _set_value(nodes[-1], value)
+    return [*nodes, held[-1]]  # the lengths as they are held
+
+
+def _makes_views(node: Node) -> bool:
+    """Whether ``node`` is a cache's ``kernel_views`` or one of its results."""
+    return node.target is kernel_views or (
+        node.target is operator.getitem and getattr(node.args[0], "target", None) is kernel_views
+    )
+
+
+def _set_value(node: Node, value: Any) -> None:
+    node.meta["example_value"] = node.meta["val"] = value
 
 
 def _erase_unused(graph: torch.fx.Graph, candidates: list[Node]) -> None:
@@ -267,7 +297,7 @@ def rewrite_kv_attention(gm: GraphModule, example_inputs: Sequence[Any], config:
 
     flat_inputs: list[Any] = []
     for index, example in enumerate(example_inputs):
-        flat_inputs.extend(example.kv if index in plan.new_tokens else (example,))
+        flat_inputs.extend(example.held if index in plan.new_tokens else (example,))
     unflattened = [
         node.name for node in graph.nodes if node.op == "placeholder" and isinstance(fake_value(node), KiviCacheTensor)
     ]

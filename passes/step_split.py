@@ -28,14 +28,14 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from kivi_compile.kernels.quantize import tokens_per_code_row
+from kivi_compile.cache_buffers import token_capacity
 from kivi_compile.passes.attention_patterns import fake_value
 from kivi_compile.passes.attention_sites import graph_outputs, output_node
 
 _KIVI_OPS = (torch.ops.kivi.append_kv_.default, torch.ops.kivi.decode_attention.default)
 _DECODE_ATTENTION = torch.ops.kivi.decode_attention.default
 # kivi::decode_attention(q, 5 key buffers, 5 value buffers, attn_mask, scale, is_causal, key_bits, ...)
-_KEY_CODES, _KEY_RESIDUAL, _MASK, _KEY_BITS, _KEY_PER_CHANNEL = 1, 4, 11, 14, 17
+_KEY_CODES, _KEY_RESIDUAL, _MASK, _GROUP_SIZE = 1, 4, 11, 16
 _CACHE_ARGS = {torch.ops.kivi.append_kv_.default: slice(0, 10), _DECODE_ATTENTION: slice(1, 11)}  # 2 x 5 buffers
 
 
@@ -48,10 +48,11 @@ class StepSplit:
         body: takes ``body_inputs`` (graph input indices), then the prologue's results.
         body_example_inputs: example inputs for compiling ``body``.
         held_inputs: positions among the body's inputs of the cache buffers the KIVI ops read and
-            write in place (a recorded graph must keep using those very tensors).
+            write in place, through views the body makes (a recorded graph must keep using those very
+            tensors).
         masks: indices of the prologue results that are attention masks, padded to ``mask_width``.
-        capacity_source: graph input indices of one key cache's codes and residual, and the tokens a
-            codes row holds: ``mask_width = codes rows * tokens_per_row + residual rows``.
+        capacity_source: graph input indices of one key cache's held code units and residual rows,
+            its group size and head dim: see ``cache_buffers.token_capacity``.
         outputs: where each graph output comes from: ``("body", i)`` or ``("prologue", i)``.
     """
 
@@ -62,7 +63,7 @@ class StepSplit:
     body_example_inputs: list[Any]
     held_inputs: frozenset[int]
     masks: tuple[int, ...]
-    capacity_source: tuple[int, int, int]
+    capacity_source: tuple[int, int, int, int]
     outputs: tuple[tuple[Literal["body", "prologue"], int], ...]
 
     @property
@@ -72,18 +73,13 @@ class StepSplit:
 
     def mask_width(self, args: Sequence[Any]) -> int:
         """The tokens the cache buffers in ``args`` can hold: at least those of this step."""
-        codes, residual, tokens_per_row = self.capacity_source
-        return _token_capacity(args[codes], args[residual], tokens_per_row)
+        code_units, residual_rows, group_size, _ = self.capacity_source
+        return token_capacity(args[code_units], args[residual_rows], group_size)
 
     def batch_heads(self, args: Sequence[Any]) -> int:
         """Batch x KV heads of the cache buffers in ``args``: how large the step is."""
-        codes = args[self.capacity_source[0]]
-        return codes.shape[0] * codes.shape[1]
-
-
-def _token_capacity(codes: Any, residual: Any, tokens_per_row: int) -> Any:
-    """Tokens a cache's buffers hold (an int, or a SymInt for fake buffers)."""
-    return codes.shape[-2] * tokens_per_row + residual.shape[-2]
+        _, residual_rows, _, head_dim = self.capacity_source
+        return args[residual_rows].shape[1] // head_dim
 
 
 def _free_symbols(value: Any) -> set[sympy.Symbol]:
@@ -113,6 +109,7 @@ def split_step(gm: GraphModule, example_inputs: Sequence[Any]) -> StepSplit | st
         return "the graph has no KIVI decode attention"
     held = {arg for node in graph.nodes if node.target in _KIVI_OPS for arg in node.args[_CACHE_ARGS[node.target]]}
     static_symbols = set().union(*(_free_symbols(fake_value(node)) for node in held))
+    held_placeholders = _placeholders_under(held)
 
     def varies(node: Node) -> bool:  # a size, or a tensor whose shape follows the step
         value = fake_value(node)
@@ -158,9 +155,11 @@ def split_step(gm: GraphModule, example_inputs: Sequence[Any]) -> StepSplit | st
         return "the attention mask is computed from the KIVI cache"
     if any(node.is_impure() for node in constants):
         return "the attention mask depends on a node with side effects, which the prologue would run again"
-    key_codes, key_residual = attentions[0].args[_KEY_CODES], attentions[0].args[_KEY_RESIDUAL]
-    tokens_per_row = tokens_per_code_row(attentions[0].args[_KEY_PER_CHANNEL], attentions[0].args[_KEY_BITS])
-    mask_width = _token_capacity(fake_value(key_codes), fake_value(key_residual), tokens_per_row)
+    # The key cache's views, made by one kernel_views node from its held buffers.
+    (key_views,) = {attentions[0].args[_KEY_CODES].args[0], attentions[0].args[_KEY_RESIDUAL].args[0]}
+    code_units, residual_rows = key_views.args[0], key_views.args[3]
+    group_size, head_dim = attentions[0].args[_GROUP_SIZE], fake_value(attentions[0].args[0]).shape[-1]
+    mask_width = token_capacity(fake_value(code_units), fake_value(residual_rows), group_size)
     prologue, prologue_inputs = _prologue(graph, placeholders, on_step_side | constants, results)
     body, body_inputs, body_examples = _body(
         gm, example_inputs, outputs, results, masks, mask_width, on_step_side | constants
@@ -177,14 +176,26 @@ def split_step(gm: GraphModule, example_inputs: Sequence[Any]) -> StepSplit | st
         prologue_inputs=prologue_inputs,
         body_inputs=body_inputs,
         body_example_inputs=body_examples,
-        held_inputs=frozenset(position_of[node] for node in held),
+        held_inputs=frozenset(position_of[node] for node in held_placeholders),
         masks=tuple(masks),
-        capacity_source=(index_of[key_codes], index_of[key_residual], tokens_per_row),
+        capacity_source=(index_of[code_units], index_of[residual_rows], group_size, head_dim),
         outputs=tuple(
             ("prologue", from_prologue[value]) if value in from_prologue else ("body", body_outputs.index(value))
             for value in outputs
         ),
     )
+
+
+def _placeholders_under(nodes: set[Node]) -> set[Node]:
+    """The graph inputs ``nodes`` are computed from (the held buffers under the kernels' views)."""
+    found, pending = set(), list(nodes)
+    while pending:
+        node = pending.pop()
+        if node.op == "placeholder":
+            found.add(node)
+        else:
+            pending.extend(node.all_input_nodes)
+    return found
 
 
 def _constant_ancestors(step_side: list[Node], on_step_side: set[Node]) -> set[Node]:

@@ -68,7 +68,7 @@ def test_llama_prefill_and_decode_sites():
     print("\n".join(diff.splitlines()[:40]))
     assert "--- graph 1 (decode) before" in diff and "+++ graph 1 (decode) after KIVI" in diff
     assert f"-    L_kwargs_{CACHE}_layers_0_keys : kivi_compile_cache_KiviCacheTensor," in diff
-    assert f"+    l_kwargs_{CACHE}_layers_0_keys_codes," in diff
+    assert f"+    l_kwargs_{CACHE}_layers_0_keys_code_units," in diff
     assert f"-    keys = torch.cat([l_kwargs_{CACHE}_layers_0_keys, k_embed], dim = -2)" in diff
     assert diff.count("= torch.ops.kivi.decode_attention.default(") == 2  # one per layer
     assert diff.count("= torch.ops.kivi.append_kv_.default(") == 2  # keys and values together, per layer

@@ -20,6 +20,9 @@ def test_kivi_caches_guard_their_buffers_beside_a_dense_baseline(profiler):
     # Each cache is a wrapper over five buffers where the dense cache is one tensor: five more tensor checks.
     assert kivi["counts"]["TENSOR_MATCH"] - dense["counts"]["TENSOR_MATCH"] == 5 * caches
     assert kivi["shape_relations"] > dense["shape_relations"] > 0
+    # Buffers held 2-D with one symbolic size (cache_buffers.py) keep the relations Dynamo checks few:
+    # 4 a cache with torch 2.13, where 4-D buffers whose rows grow cost 28.
+    assert kivi["shape_relations"] - dense["shape_relations"] <= 6 * caches
     assert kivi["objects"] > dense["objects"] > 0
     for row in (dense, kivi):
         assert row["warm_us"] > 0 and row["cold_us"] > 0
