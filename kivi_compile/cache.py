@@ -133,7 +133,7 @@ class KiviCacheTensor(torch.Tensor):
         if quant_tokens <= quant_capacity and residual_tokens <= self.residual_rows.shape[0]:
             return self
         grown = _grown(self, quant_tokens, residual_tokens)
-        for moved in self.held[:4]:
+        for moved in self.held.growing:
             moved.untyped_storage().resize_(0)
         return grown
 
@@ -294,7 +294,7 @@ def _grown(cache: KiviCacheTensor, quant_tokens: int, residual_tokens: int) -> K
     spec, kv = cache.spec, cache.kv
     quant_capacity = cache.code_units.shape[0] * spec.group_size
     if quant_tokens > quant_capacity:
-        bytes_per_token = sum(t.numel() * t.element_size() for t in cache.held[:3]) / quant_capacity
+        bytes_per_token = sum(t.numel() * t.element_size() for t in cache.held.quantized) / quant_capacity
         doubling = min(quant_capacity, int(_SMALL_GROWTH_BYTES // bytes_per_token))
         quant_tokens = max(quant_tokens, quant_capacity + max(quant_capacity // _GROWTH_DIVISOR, doubling))
     else:

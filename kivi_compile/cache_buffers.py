@@ -32,6 +32,16 @@ class HeldBuffers(NamedTuple):
     residual_rows: torch.Tensor  # [residual capacity, B * H * D]
     lengths: torch.Tensor  # int64 [4], see cache_layout.py
 
+    @property
+    def growing(self) -> tuple[torch.Tensor, ...]:
+        """The buffers whose rows grow with the cache (all but the lengths)."""
+        return self[:-1]
+
+    @property
+    def quantized(self) -> tuple[torch.Tensor, ...]:
+        """The buffers of the quantized tokens: codes, scales, minima."""
+        return self.code_units, self.scale_units, self.min_units
+
 
 def kernel_views(
     code_units: torch.Tensor,
@@ -109,6 +119,6 @@ def allocate_held(
 
 def held_dynamic(held: HeldBuffers) -> HeldBuffers:
     """``held``, its rows marked dynamic for Dynamo: growth does not recompile."""
-    for rows in held[:4]:
+    for rows in held.growing:
         torch._dynamo.maybe_mark_dynamic(rows, 0)
     return held

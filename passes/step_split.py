@@ -28,7 +28,7 @@ import sympy
 import torch
 from torch.fx import GraphModule, Node
 
-from kivi_compile.cache_buffers import token_capacity
+from kivi_compile.cache_buffers import HeldBuffers, token_capacity
 from kivi_compile.passes.attention_patterns import fake_value
 from kivi_compile.passes.attention_sites import graph_outputs, output_node
 
@@ -157,7 +157,8 @@ def split_step(gm: GraphModule, example_inputs: Sequence[Any]) -> StepSplit | st
         return "the attention mask depends on a node with side effects, which the prologue would run again"
     # The key cache's views, made by one kernel_views node from its held buffers.
     (key_views,) = {attentions[0].args[_KEY_CODES].args[0], attentions[0].args[_KEY_RESIDUAL].args[0]}
-    code_units, residual_rows = key_views.args[0], key_views.args[3]
+    key_held = HeldBuffers(*key_views.args[: len(HeldBuffers._fields)])
+    code_units, residual_rows = key_held.code_units, key_held.residual_rows
     group_size, head_dim = attentions[0].args[_GROUP_SIZE], fake_value(attentions[0].args[0]).shape[-1]
     mask_width = token_capacity(fake_value(code_units), fake_value(residual_rows), group_size)
     prologue, prologue_inputs = _prologue(graph, placeholders, on_step_side | constants, results)

@@ -101,12 +101,12 @@ def test_held_buffers_grow_along_one_dynamic_dim_under_the_kernel_views(spec):
     """Dynamo sees the held 2-D buffers (one growing size each, marked dynamic); the kernels read 4-D
     views of the same memory."""
     cache = KiviCacheTensor.from_dense(torch.randn(2, 3, 40, 16), spec)
-    held_rows = {tuple(buffer.shape[1:]) for buffer in cache.held[:4]}
+    held_rows = {tuple(buffer.shape[1:]) for buffer in cache.held.growing}
     capacities = set()
     for _ in range(300):
         cache = torch.cat([cache, torch.randn(2, 3, 1, 16)], dim=-2)
         capacities.add(cache.code_units.shape[0])
-        assert {tuple(buffer.shape[1:]) for buffer in cache.held[:4]} == held_rows
+        assert {tuple(buffer.shape[1:]) for buffer in cache.held.growing} == held_rows
         for buffer, view in zip(cache.held, cache.kv):
             assert view.data_ptr() == buffer.data_ptr() and view.numel() == buffer.numel()
             marked = getattr(buffer, "_dynamo_weak_dynamic_indices", set())
